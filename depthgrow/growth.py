@@ -1,0 +1,253 @@
+"""Depth expansion in one call: :func:`grow` a model and its optimizer to a target depth.
+
+Growth is a pure operation on the *unwrapped* model: it rebuilds each block stack at the target depth,
+initialises the new slots, and returns an optimizer that holds every parameter, with state carried by
+parameter name. Wrappers (DDP, FSDP, torch.compile) are taken off before and put back after.
+
+Where each target slot's block comes from (k source blocks, L target slots):
+
+==============  ===============================================  ========================================
+init            slot i of L                                      new blocks' residual outputs
+==============  ===============================================  ========================================
+``random``      block i for i < k, else a fresh block             as a fresh depth-L model's
+``zero``        block i for i < k, else a fresh block             zeroed (the function is preserved)
+``copy``        block i mod k (the stack repeated: 1..k,1..k,..)  copied
+``copy_zero``   block i mod k                                     zeroed in the copies
+``copy_inter``  block floor(i·k/L) (each repeated in place)       copied
+``copy_last``   block i for i < k, else block k-1                 copied
+==============  ===============================================  ========================================
+
+The first slot that takes a source block keeps that very block (its parameters survive under the new
+slot's name, with their optimizer state); the other slots get copies. A fresh block is initialised exactly
+as slot i of a fresh depth-L model with the same seed would be (``init_block``), residual projections
+scaled for the target depth.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple, get_args
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from depthgrow.optim import OptimizerChain, as_optimizer_list, build_optimizer, check_coverage
+
+Init = Literal["random", "copy", "copy_inter", "copy_last", "zero", "copy_zero"]
+INITS: tuple[str, ...] = get_args(Init)
+COPY_INITS = ("copy", "copy_inter", "copy_last", "copy_zero")
+ZEROED_INITS = ("zero", "copy_zero")
+
+
+@dataclass(kw_only=True)
+class GrowthConfig:
+    source_depth: int | None = None  # depth before growth; none: a fixed-depth run at model.n_layer
+    at: list[float] = field(default_factory=lambda: [0.8])  # expansion times: fractions of T, or steps
+    via: list[int] = field(default_factory=list)  # intermediate depths of a multi-stage run (ablation)
+    init: Init = "random"  # how new slots are filled, see depthgrow.growth
+    copy_optimizer_state: bool = False  # copied blocks also copy their source's optimizer state
+
+    def problems(self) -> list[str]:
+        return []
+
+    def init_problems(self) -> list[str]:
+        if self.source_depth == 0 and self.init in COPY_INITS:
+            return [
+                f"growth.init={self.init} copies trained blocks, but a zero-layer source has none; "
+                "grow a zero-layer model with random or zero"
+            ]
+        return []
+
+
+OptimizerLike = Optimizer | OptimizerChain | list[Optimizer]
+
+
+class Grown(NamedTuple):
+    model: nn.Module
+    optimizer: OptimizerLike
+    new_parameters: list[str]  # names of parameters that did not exist before (fresh or copied)
+
+
+def slot_sources(init: str, source_depth: int, target_depth: int) -> list[int | None]:
+    """For each target slot, the index of the source block it takes, or None for a fresh block."""
+    k, L = source_depth, target_depth
+    if init in ("random", "zero"):
+        return [*range(k), *[None] * (L - k)]
+    if k == 0:
+        raise ValueError(f"init {init!r} copies trained blocks, but the model has none; use random or zero")
+    if init in ("copy", "copy_zero"):
+        return [i % k for i in range(L)]
+    if init == "copy_inter":
+        return [i * k // L for i in range(L)]
+    if init == "copy_last":
+        return [*range(k), *[k - 1] * (L - k)]
+    raise ValueError(f"unknown init {init!r}; choose one of: {', '.join(INITS)}")
+
+
+def grow(
+    model: nn.Module,
+    optimizer: OptimizerLike,
+    target_depth: int,
+    init: str = "random",
+    *,
+    seed: int = 0,
+    copy_optimizer_state: bool = False,
+    make_optimizer: Callable[[nn.Module], OptimizerLike] | None = None,
+) -> Grown:
+    """Grow ``model`` (in place) to ``target_depth`` blocks per stack and return it with a new optimizer.
+
+    The optimizer is rebuilt for the grown model: with ``make_optimizer`` if given; from its recipe for a
+    depthgrow :class:`OptimizerChain`; otherwise as the same torch optimizer class(es) with the same
+    groups and hyperparameters, each new parameter joining the group of the parameter it was copied from
+    or of its sibling in an existing block (a model with no block and several groups needs
+    ``make_optimizer``). Surviving parameters keep their optimizer state (moments, step counts), keyed by
+    name; new ones start with none, unless ``copy_optimizer_state`` copies it along with copied blocks.
+    ``seed`` must be the seed the model was initialised with for fresh blocks to match a fresh model.
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of: {', '.join(INITS)}")
+    source_depth = model.config.n_layer
+    if target_depth <= source_depth:
+        raise ValueError(f"target depth {target_depth} must exceed the current depth {source_depth}")
+    sources = slot_sources(init, source_depth, target_depth)
+
+    old_names = {id(p): name for name, p in model.named_parameters()}
+    fully_covered = _covers(model, optimizer)
+    old_state = _state_by_name(old_names, as_optimizer_list(optimizer))
+    copied_from: dict[str, str] = {}  # new parameter name -> the old name it is a copy of
+
+    model.config = model.config.with_depth(target_depth)
+    for prefix, stack in model.block_stacks().items():
+        blocks: list[nn.Module] = []
+        kept: set[int] = set()
+        for index, source in enumerate(sources):
+            if source is None:
+                block = model.make_block(prefix)
+                model.init_block(prefix, index, block, seed)
+            elif source not in kept:
+                block = stack[source]
+                kept.add(source)
+            else:
+                block = copy.deepcopy(stack[source])
+                for suffix, _ in block.named_parameters():
+                    copied_from[f"{prefix}.{index}.{suffix}"] = f"{prefix}.{source}.{suffix}"
+            if init in ZEROED_INITS and (source is None or index != sources.index(source)):
+                _zero_(model.residual_projections(block))
+            blocks.append(block)
+        parent_name, _, attribute = prefix.rpartition(".")
+        setattr(model.get_submodule(parent_name), attribute, nn.ModuleList(blocks))
+
+    new_names = {name: p for name, p in model.named_parameters()}
+    renamed = {name: old_names[id(p)] for name, p in new_names.items() if id(p) in old_names}
+    fresh = [name for name in new_names if name not in renamed]
+
+    if make_optimizer is not None:
+        new_optimizer = make_optimizer(model)
+    elif isinstance(optimizer, OptimizerChain) and optimizer.config is not None:
+        new_optimizer = build_optimizer(model, optimizer.config)
+        _carry_lr_multiplier(optimizer, new_optimizer)
+    else:
+        new_optimizer = _rebuild_like(optimizer, model, old_names, renamed, copied_from)
+
+    name_of = {id(p): name for name, p in new_names.items()}
+    for opt in as_optimizer_list(new_optimizer):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                name = name_of[id(p)]
+                if name in renamed and renamed[name] in old_state:
+                    opt.state[p] = old_state[renamed[name]]
+                elif copy_optimizer_state and copied_from.get(name) in old_state:
+                    opt.state[p] = _clone_state(old_state[copied_from[name]])
+    if fully_covered:
+        check_coverage(model, new_optimizer)
+    return Grown(model, new_optimizer, fresh)
+
+
+def _covers(model: nn.Module, optimizer: OptimizerLike) -> bool:
+    try:
+        check_coverage(model, optimizer)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _state_by_name(names: dict[int, str], optimizers: list[Optimizer]) -> dict[str, dict[str, Any]]:
+    return {names[id(p)]: state for opt in optimizers for p, state in opt.state.items() if id(p) in names}
+
+
+@torch.no_grad()
+def _zero_(modules: Iterable[nn.Module]) -> None:
+    for module in modules:
+        for p in module.parameters():
+            p.zero_()
+
+
+def _clone_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in state.items()}
+
+
+def _carry_lr_multiplier(old: OptimizerChain, new: OptimizerChain) -> None:
+    """New groups start at the schedule position of the old ones (no re-warmup)."""
+    reference = next(g for g in old.param_groups if "initial_lr" in g)
+    new.set_lr_multiplier(reference["lr"] / reference["initial_lr"])
+
+
+def _rebuild_like(
+    optimizer: OptimizerLike,
+    model: nn.Module,
+    old_names: dict[int, str],
+    renamed: dict[str, str],
+    copied_from: dict[str, str],
+) -> OptimizerLike:
+    """The same optimizer class(es) and groups over the grown model's parameters."""
+    optimizers = as_optimizer_list(optimizer)
+    where: dict[str, tuple[int, int]] = {}  # old parameter name -> (optimizer, group)
+    for o, opt in enumerate(optimizers):
+        for g, group in enumerate(opt.param_groups):
+            for p in group["params"]:
+                where[old_names[id(p)]] = (o, g)
+    stacks = tuple(model.block_stacks())
+    groups = [[{**group, "params": []} for group in opt.param_groups] for opt in optimizers]
+    single_group = len(where) and len({*where.values()}) == 1
+    for name, p in model.named_parameters():
+        template = renamed.get(name) or copied_from.get(name) or _sibling(name, stacks, where)
+        if template in where:
+            o, g = where[template]
+        elif template is None and single_group:
+            o, g = next(iter(where.values()))
+        elif template is None:
+            raise ValueError(
+                f"cannot tell which parameter group the new parameter {name} belongs to (the model had no "
+                "block to take it from); pass make_optimizer= to build the grown model's optimizer"
+            )
+        else:
+            continue  # its template was left out of the optimizer, so it is left out too
+        groups[o][g]["params"].append(p)
+    rebuilt = [_same_class(opt, opt_groups) for opt, opt_groups in zip(optimizers, groups, strict=True)]
+    return rebuilt[0] if isinstance(optimizer, Optimizer) else rebuilt
+
+
+def _sibling(name: str, stacks: tuple[str, ...], where: dict[str, tuple[int, int]]) -> str | None:
+    """The same parameter in any existing block of the same stack, if there is one."""
+    for prefix in stacks:
+        if name.startswith(f"{prefix}."):
+            suffix = _block_suffix(name, prefix)
+            return next((old for old in where if _block_suffix(old, prefix) == suffix), None)
+    return None
+
+
+def _block_suffix(name: str, prefix: str) -> str | None:
+    """``"h.3.attn.c_attn.weight"`` under prefix ``"h"`` -> ``"attn.c_attn.weight"``."""
+    if not name.startswith(f"{prefix}."):
+        return None
+    return name[len(prefix) + 1 :].partition(".")[2]
+
+
+def _same_class(optimizer: Optimizer, groups: list[dict[str, Any]]) -> Optimizer:
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    defaults = {key: value for key, value in optimizer.defaults.items() if key in accepted}
+    return type(optimizer)([group for group in groups if group["params"]], **defaults)

@@ -1,0 +1,203 @@
+"""Optimizers: parameter groups, AdamW and Muon-NSGD, and a chain that steps several as one.
+
+Every group carries a ``role`` (which rule put its parameters there) and an ``initial_lr`` (its peak
+learning rate); the trainer sets ``lr = initial_lr · multiplier(step)``. :func:`check_coverage` asserts
+that each trainable parameter sits in exactly one group, at build time and after every growth.
+
+Muon-NSGD is the paper's optimizer: ``torch.optim.Muon`` (orthogonalised momentum) on the hidden 2-D
+matrices - the 2-D weights inside the block stacks - and normalised SGD on every other tensor
+(embeddings, norms, biases), all with one shared learning rate and weight decay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+OptimizerName = Literal["adamw", "muon-nsgd"]
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    name: OptimizerName = "adamw"
+    lr: float = 3e-3  # peak learning rate, shared by every group
+    weight_decay: float = 0.1  # decoupled; AdamW applies it to tensors of 2+ dims only
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.95  # AdamW
+    eps: float = 1e-8  # AdamW
+    momentum: float = 0.95  # Muon and normalised SGD (Nesterov)
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.lr <= 0:
+            found.append(f"optim.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            found.append(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2", "momentum"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                found.append(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+        return found
+
+
+class NormalizedSGD(Optimizer):
+    """SGD with momentum whose every step has the same length, per tensor:
+
+    ``m <- lerp(m, g, 1 - momentum)``, ``u = lerp(g, m, momentum)`` (Nesterov) or ``m``,
+    ``p <- p · (1 - lr · weight_decay) - lr · u / (||u|| + eps)``.
+
+    The update's norm is ``lr`` whatever the gradient's scale, which is what lets one learning rate
+    serve every tensor beside Muon's orthogonalised (unit spectral norm) updates.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        eps: float = 1e-8,
+    ) -> None:
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eps=eps)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buffer = state["momentum_buffer"]
+                buffer.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+                p.mul_(1 - lr * weight_decay)
+                p.add_(update / (update.norm() + group["eps"]), alpha=-lr)
+        return loss
+
+
+class OptimizerChain:
+    """Several torch optimizers stepped as one, with the parameter groups of all of them.
+
+    ``config`` is the recipe it was built from, so that growth can rebuild it for the grown model.
+    Checkpoints save ``optimizers`` through ``torch.distributed.checkpoint.state_dict``, keyed by
+    parameter name.
+    """
+
+    def __init__(self, optimizers: list[Optimizer], config: OptimConfig | None = None) -> None:
+        self.optimizers = optimizers
+        self.config = config
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    @property
+    def state(self) -> dict[torch.Tensor, dict[str, Any]]:
+        return {p: s for optimizer in self.optimizers for p, s in optimizer.state.items()}
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def set_lr_multiplier(self, multiplier: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
+
+    def __iter__(self) -> Iterator[Optimizer]:
+        return iter(self.optimizers)
+
+
+def hidden_matrix_names(model: nn.Module) -> set[str]:
+    """Names of the 2-D weights inside the block stacks (what Muon orthogonalises)."""
+    prefixes = tuple(f"{prefix}." for prefix in model.block_stacks())
+    return {name for name, p in model.named_parameters() if p.ndim == 2 and name.startswith(prefixes)}
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> OptimizerChain:
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if config.name == "adamw":
+        roles = {
+            "decay": [p for _, p in named if p.ndim >= 2],
+            "no_decay": [p for _, p in named if p.ndim < 2],
+        }
+        groups = [
+            {"params": params, "role": role, "weight_decay": config.weight_decay if role == "decay" else 0.0}
+            for role, params in roles.items()
+            if params
+        ]
+        optimizers = [
+            torch.optim.AdamW(
+                _with_lr(groups, config.lr),
+                lr=config.lr,
+                betas=(config.beta1, config.beta2),
+                eps=config.eps,
+                weight_decay=config.weight_decay,
+            )
+        ]
+    else:
+        matrices = hidden_matrix_names(model)
+        muon_params = [p for name, p in named if name in matrices]
+        other_params = [p for name, p in named if name not in matrices]
+        optimizers = []
+        if muon_params:
+            optimizers.append(
+                torch.optim.Muon(
+                    _with_lr([{"params": muon_params, "role": "matrix"}], config.lr),
+                    lr=config.lr,
+                    weight_decay=config.weight_decay,
+                    momentum=config.momentum,
+                    nesterov=True,
+                )
+            )
+        if other_params:
+            optimizers.append(
+                NormalizedSGD(
+                    _with_lr([{"params": other_params, "role": "other"}], config.lr),
+                    lr=config.lr,
+                    weight_decay=config.weight_decay,
+                    momentum=config.momentum,
+                )
+            )
+    chain = OptimizerChain(optimizers, config)
+    check_coverage(model, chain)
+    return chain
+
+
+def _with_lr(groups: list[dict[str, Any]], lr: float) -> list[dict[str, Any]]:
+    return [{**group, "initial_lr": lr} for group in groups]
+
+
+def as_optimizer_list(optimizer: Optimizer | OptimizerChain | Iterable[Optimizer]) -> list[Optimizer]:
+    if isinstance(optimizer, Optimizer):
+        return [optimizer]
+    return list(optimizer)
+
+
+def check_coverage(model: nn.Module, optimizer: Optimizer | OptimizerChain | Iterable[Optimizer]) -> None:
+    """Raise if a trainable parameter is in no group or in more than one."""
+    seen: dict[int, int] = {}
+    for opt in as_optimizer_list(optimizer):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                seen[id(p)] = seen.get(id(p), 0) + 1
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+    repeated = [name for name, p in model.named_parameters() if seen.get(id(p), 0) > 1]
+    if missing or repeated:
+        raise RuntimeError(f"optimizer coverage broken: missing {missing}, in several groups {repeated}")

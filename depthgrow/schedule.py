@@ -1,0 +1,131 @@
+"""Schedules as pure functions of (step, T): the learning-rate multiplier and the depth plan.
+
+Nothing here holds state, so the progressive run and the fixed-depth baseline see the same learning
+rate at the same step (no re-warmup at growth), and resuming a run needs nothing but its step.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from depthgrow.errors import DepthgrowError
+
+ScheduleName = Literal["wsd", "cosine", "constant"]
+DecayShape = Literal["linear", "cosine", "sqrt"]
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    name: ScheduleName = "wsd"
+    warmup: float = 0.02  # fraction of T spent warming up linearly from ~0 to the peak
+    decay: float = 0.1  # wsd: fraction of T, at the end, spent decaying to final_lr_frac
+    decay_shape: DecayShape = "linear"  # wsd: how the decay falls
+    final_lr_frac: float = 0.0  # the multiplier reached at step T
+
+    def problems(self) -> list[str]:
+        found = []
+        for name in ("warmup", "decay", "final_lr_frac"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                found.append(f"schedule.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.name == "wsd" and self.warmup + self.decay > 1.0:
+            found.append(f"schedule.warmup + schedule.decay must be <= 1, got {self.warmup} + {self.decay}")
+        return found
+
+
+def lr_multiplier(step: int, total_steps: int, config: ScheduleConfig) -> float:
+    """The learning rate at ``step`` (0-based) of ``total_steps``, as a fraction of the peak.
+
+    - warmup (every schedule): ``(step + 1) / warmup_steps`` for the first ``round(warmup·T)`` steps;
+    - ``wsd``: then 1 until the last ``round(decay·T)`` steps, which fall from 1 towards ``final_lr_frac``
+      (reached at step T, one past the last step) along ``decay_shape``: linear, half a cosine, or
+      ``1 - sqrt`` of the decay progress;
+    - ``cosine``: then half a cosine from 1 to ``final_lr_frac`` at step T;
+    - ``constant``: then 1.
+    """
+    warmup_steps = round(config.warmup * total_steps)
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    final = config.final_lr_frac
+    if config.name == "constant":
+        return 1.0
+    if config.name == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    decay_steps = round(config.decay * total_steps)
+    decay_start = total_steps - decay_steps
+    if step < decay_start:
+        return 1.0
+    progress = (step - decay_start) / decay_steps
+    if config.decay_shape == "linear":
+        remaining = 1.0 - progress
+    elif config.decay_shape == "cosine":
+        remaining = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        remaining = 1.0 - math.sqrt(progress)
+    return final + (1.0 - final) * remaining
+
+
+@dataclass(frozen=True)
+class GrowthPlan:
+    """Depth as a step function of the step: ``depths[i]`` from ``steps[i-1]`` (or 0) on; ``steps[i]``
+    is the step at whose start the model grows from ``depths[i]`` to ``depths[i+1]``."""
+
+    depths: tuple[int, ...]
+    steps: tuple[int, ...]
+
+    def depth_at(self, step: int) -> int:
+        return self.depths[bisect.bisect_right(self.steps, step)]
+
+    @property
+    def initial_depth(self) -> int:
+        return self.depths[0]
+
+    @property
+    def target_depth(self) -> int:
+        return self.depths[-1]
+
+
+def growth_plan(
+    *, source_depth: int | None, via: list[int], at: list[float], target_depth: int, total_steps: int
+) -> GrowthPlan:
+    """Resolve a growth config into a plan, or raise :class:`DepthgrowError` saying what is wrong.
+
+    ``source_depth=None`` is a fixed-depth run. Each ``at`` value below 1 is a fraction of T, one of 1 or
+    more is a step; every expansion must fall strictly inside (0, T) and after the previous one. ``via``
+    lists the intermediate depths of a multi-stage run (0 -> 2 -> 12 is ``source_depth=0, via=[2]``).
+    """
+    if source_depth is None:
+        return GrowthPlan(depths=(target_depth,), steps=())
+    depths = (source_depth, *via, target_depth)
+    if source_depth < 0:
+        raise DepthgrowError(f"growth.source_depth must be >= 0, got {source_depth}")
+    if any(a >= b for a, b in zip(depths, depths[1:], strict=False)):
+        chain = " -> ".join(map(str, depths))
+        raise DepthgrowError(
+            f"growth depths must increase: source depth < via depths < target depth (model.n_layer), got {chain}"
+        )
+    if len(at) != len(depths) - 1:
+        raise DepthgrowError(
+            f"growth.at needs one expansion time per stage: {len(depths) - 1} for "
+            f"{' -> '.join(map(str, depths))}, got {len(at)} ({at})"
+        )
+    steps = []
+    for value in at:
+        if value < 1.0:
+            step = round(value * total_steps)
+        elif float(value).is_integer():
+            step = int(value)
+        else:
+            raise DepthgrowError(f"growth.at value {value} is neither a fraction of T (< 1) nor a whole step")
+        if not 0 < step < total_steps:
+            raise DepthgrowError(
+                f"expansion at {value} falls at step {step}, outside (0, T={total_steps}); "
+                "use a fraction in (0, 1) or a step between 1 and T-1"
+            )
+        steps.append(step)
+    if any(a >= b for a, b in zip(steps, steps[1:], strict=False)):
+        raise DepthgrowError(f"growth.at must give increasing steps, got steps {steps}")
+    return GrowthPlan(depths=depths, steps=tuple(steps))

@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+from depthgrow import GPT2Config, NormalizedSGD, OptimConfig, build_model, build_optimizer
+from depthgrow.optim import check_coverage, hidden_matrix_names
+
+CONFIG = GPT2Config(n_layer=2, n_embd=16, n_head=2, block_size=8, vocab_size=32)
+
+
+def names_in(optimizer, model, role):
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    return {by_id[id(p)] for group in optimizer.param_groups if group["role"] == role for p in group["params"]}
+
+
+def test_adamw_decays_matrices_and_embeddings_but_not_vectors():
+    model = build_model(CONFIG, seed=0)
+    optimizer = build_optimizer(model, OptimConfig(name="adamw", weight_decay=0.1))
+    assert names_in(optimizer, model, "decay") == {n for n, p in model.named_parameters() if p.ndim == 2}
+    assert names_in(optimizer, model, "no_decay") == {n for n, p in model.named_parameters() if p.ndim == 1}
+    decay = {group["role"]: group["weight_decay"] for group in optimizer.param_groups}
+    assert decay == {"decay": 0.1, "no_decay": 0.0}
+    assert optimizer.optimizers[0].param_groups[0]["betas"] == (0.9, 0.95)
+
+
+def test_muon_nsgd_puts_hidden_matrices_in_muon_and_the_rest_in_normalized_sgd():
+    model = build_model(CONFIG, seed=0)
+    optimizer = build_optimizer(model, OptimConfig(name="muon-nsgd", lr=0.02, weight_decay=0.01))
+    muon, nsgd = optimizer.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(nsgd, NormalizedSGD)
+    expected = {
+        f"transformer.h.{i}.{m}.weight"
+        for i in range(2)
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
+    assert hidden_matrix_names(model) == expected
+    assert names_in(optimizer, model, "matrix") == expected
+    assert "transformer.wte.weight" in names_in(optimizer, model, "other")
+    assert {group["lr"] for group in optimizer.param_groups} == {0.02}
+    assert {group["weight_decay"] for group in optimizer.param_groups} == {0.01}
+
+
+def test_zero_layer_muon_nsgd_has_no_muon():
+    model = build_model(CONFIG.with_depth(0), seed=0)
+    optimizer = build_optimizer(model, OptimConfig(name="muon-nsgd"))
+    assert [type(o) for o in optimizer.optimizers] == [NormalizedSGD]
+
+
+def test_learning_rate_multiplier_scales_every_group_from_its_peak():
+    model = build_model(CONFIG, seed=0)
+    optimizer = build_optimizer(model, OptimConfig(name="muon-nsgd", lr=0.04))
+    optimizer.set_lr_multiplier(0.5)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.02, 0.02]
+
+
+def test_normalized_sgd_takes_steps_of_length_lr():
+    p = torch.nn.Parameter(torch.tensor([3.0, -4.0, 12.0]))
+    optimizer = NormalizedSGD([p], lr=0.1, momentum=0.9, weight_decay=0.0)
+    for scale in (1e-2, 1e3):  # the step has length lr whatever the gradient's scale
+        start = p.detach().clone()
+        p.grad = scale * torch.tensor([1.0, 2.0, -2.0])
+        optimizer.step()
+        assert (p - start).norm().item() == pytest.approx(0.1, rel=1e-5)
+        direction = (start - p.detach()) / 0.1
+        torch.testing.assert_close(direction, torch.tensor([1.0, 2.0, -2.0]) / 3.0)
+
+
+def test_normalized_sgd_matches_a_hand_written_reference_with_momentum_and_decay():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5))
+    reference = p.detach().clone()
+    buffer = torch.zeros(5)
+    lr, momentum, wd = 0.05, 0.9, 0.1
+    optimizer = NormalizedSGD([p], lr=lr, momentum=momentum, weight_decay=wd, nesterov=True)
+    for _ in range(4):
+        grad = torch.randn(5)
+        p.grad = grad.clone()
+        optimizer.step()
+        buffer = momentum * buffer + (1 - momentum) * grad
+        update = (1 - momentum) * grad + momentum * buffer
+        reference = reference * (1 - lr * wd) - lr * update / (update.norm() + 1e-8)
+    torch.testing.assert_close(p.detach(), reference)
+
+
+def test_normalized_sgd_leaves_a_zero_gradient_alone():
+    p = torch.nn.Parameter(torch.ones(4))
+    p.grad = torch.zeros(4)
+    NormalizedSGD([p], lr=0.1).step()
+    assert torch.equal(p.detach(), torch.ones(4))
+
+
+def test_coverage_check_finds_missing_and_repeated_parameters():
+    model = build_model(CONFIG, seed=0)
+    params = list(model.parameters())
+    with pytest.raises(RuntimeError, match="missing"):
+        check_coverage(model, torch.optim.SGD(params[1:], lr=0.1))
+    with pytest.raises(RuntimeError, match="several groups"):
+        check_coverage(model, [torch.optim.SGD(params, lr=0.1), torch.optim.SGD(params[:1], lr=0.1)])
+    check_coverage(model, torch.optim.SGD(params, lr=0.1))
