@@ -1,0 +1,5 @@
+import sys
+
+from depthgrow.cli import main
+
+sys.exit(main())

@@ -1,0 +1,203 @@
+"""The ``depthgrow`` command: ``train``, ``compare`` and ``flops``.
+
+Every command takes an optional TOML config file and any number of ``--section.key=value`` overrides
+(``--growth.at=0.8``, ``--train.steps 2000``), plus the shorthands ``--model NAME`` (a preset),
+``--data PATH`` and ``--out DIR``. A user mistake ends with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from depthgrow.config import RunConfig, TrainConfig, load_config
+from depthgrow.errors import DepthgrowError
+from depthgrow.flops import DEPTHGROW, PAPER, compare_compute
+from depthgrow.presets import PRESETS
+from depthgrow.schedule import growth_plan
+from depthgrow.train import CONFIG_NAME, train
+
+SHORTHANDS = {"model": "model.preset", "data": "data.path", "out": "train.out_dir"}
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Separate ``--section.key[=value]`` options (and their values) from the other arguments."""
+    rest: list[str] = []
+    overrides: dict[str, str] = {}
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        key, has_value, value = arg[2:].partition("=")
+        if arg.startswith("--") and "." in key:
+            if not has_value:
+                if index + 1 >= len(argv) or argv[index + 1].startswith("--"):
+                    raise DepthgrowError(f"option --{key} needs a value")
+                index += 1
+                value = argv[index]
+            overrides[key] = value
+        else:
+            rest.append(arg)
+        index += 1
+    return rest, overrides
+
+
+def _config(args: argparse.Namespace, overrides: dict[str, str], *, default_out: str | None = None) -> RunConfig:
+    overrides = dict(overrides)
+    for flag, key in SHORTHANDS.items():
+        if getattr(args, flag, None) is not None:
+            overrides[key] = getattr(args, flag)
+    config = load_config(args.config, overrides)
+    if default_out is not None and "train.out_dir" not in overrides and config.train.out_dir == TrainConfig().out_dir:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, out_dir=default_out))
+    return config
+
+
+def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    if args.resume is not None and args.resume is not True:
+        run_dir = Path(args.resume)
+        run_dir = run_dir.parent if run_dir.is_file() else run_dir
+        if not (run_dir / CONFIG_NAME).exists():
+            raise DepthgrowError(f"no run to resume in {run_dir}: it has no {CONFIG_NAME}")
+        if args.config is None:
+            args.config = str(run_dir / CONFIG_NAME)
+        overrides = {**overrides, "train.out_dir": str(run_dir)}
+    config = _config(args, overrides)
+    result = train(config, resume=args.resume is not None, overwrite=args.overwrite, stop_at=args.stop_at)
+    if result.finished:
+        print(
+            f"final validation loss {result.final_val_loss:.4f} after {result.state.step} steps; "
+            f"outputs in {result.out_dir}"
+        )
+        return 0
+    if args.stop_at is not None and result.state.step == args.stop_at:
+        print(f"stopped at step {args.stop_at}; resume with: depthgrow train --resume {result.out_dir}")
+        return 0
+    return 130
+
+
+def cmd_compare(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from depthgrow.compare import compare
+
+    config = _config(args, overrides, default_out="runs/compare")
+    compare(config, sources=args.sources, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_flops(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    config = _config(args, overrides)
+    model, train_config = config.model, config.train
+    sources = [config.growth.source_depth] if config.growth.source_depth is not None else [0, 1]
+    tokens_per_step = train_config.batch_size * model.block_size
+    print(
+        f"{config.model_preset or model.family}: {model.n_layer} layers, {model.num_params() / 1e6:,.2f}M parameters; "
+        f"T = {train_config.steps} steps of {tokens_per_step} tokens"
+    )
+    header = f"{'counting':<10} {'growth':<22} {'N small':>10} {'N large':>10} {'fixed FLOPs':>12} "
+    header += f"{'progr. FLOPs':>12} {'fraction':>9} {'speedup':>8}"
+    print(header)
+    for source in sources:
+        if source >= model.n_layer:
+            raise DepthgrowError(f"growth.source_depth={source} must be below model.n_layer={model.n_layer}")
+        plan = growth_plan(
+            source_depth=source,
+            via=config.growth.via,
+            at=config.growth.at,
+            target_depth=model.n_layer,
+            total_steps=train_config.steps,
+        )
+        chain = " -> ".join(map(str, plan.depths)) + " at " + ", ".join(map(str, plan.steps))
+        for counting in (DEPTHGROW, PAPER):
+            c = compare_compute(
+                model,
+                plan,
+                total_steps=train_config.steps,
+                tokens_per_step=tokens_per_step,
+                counting=counting,
+            )
+            print(
+                f"{counting.name:<10} {chain:<22} {c.params_small / 1e6:>9.2f}M {c.params_large / 1e6:>9.2f}M "
+                f"{c.flops_fixed:>12.3e} {c.flops_progressive:>12.3e} {c.fraction:>9.1%} {c.speedup:>7.2f}x"
+            )
+    print("depthgrow counting: matmul FLOPs incl. the tied head and attention scores; paper: 6 x all parameters")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, str]], int]] = {
+    "train": cmd_train,
+    "compare": cmd_compare,
+    "flops": cmd_flops,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="depthgrow",
+        description="Progressive depth training: train a zero/one-layer model, grow it once, finish at full depth.",
+        epilog="Config options: --section.key=value for any key of the sections model, data, optim, schedule, "
+        "growth, train (e.g. --growth.source_depth=0 --growth.at=0.8 --train.steps=2000).",
+        allow_abbrev=False,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+        sub.add_argument("config", nargs="?", help="a TOML run config (defaults apply to what it leaves out)")
+        sub.add_argument("--model", help=f"model preset: {', '.join(PRESETS)}")
+        sub.add_argument("--data", help="text file, folder of text files, or folder with train.bin/val.bin")
+        sub.add_argument("--out", help="output folder (train.out_dir)")
+        return sub
+
+    train_parser = command("train", "train one run, growing as growth.* says")
+    train_parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR (default: train.out_dir) from its checkpoint",
+    )
+    train_parser.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
+    train_parser.add_argument("--stop-at", type=int, metavar="STEP", help="stop with a checkpoint after STEP steps")
+
+    compare_parser = command(
+        "compare",
+        "train the fixed-depth baseline and zero/one-layer progressive runs, then tabulate and plot",
+    )
+    compare_parser.add_argument(
+        "--sources",
+        type=_depth_list,
+        default=[0, 1],
+        metavar="DEPTHS",
+        help="source depths of the progressive runs, comma-separated (default 0,1)",
+    )
+    compare_parser.add_argument("--overwrite", action="store_true", help="rerun runs already in the output folder")
+
+    command("flops", "print parameters, FLOPs, compute fraction and speedup of a growth plan")
+    return parser
+
+
+def _depth_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated depths, got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        rest, overrides = split_overrides(argv)
+        args = build_parser().parse_args(rest)
+        return COMMANDS[args.command](args, overrides)
+    except DepthgrowError as error:
+        print(f"depthgrow: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("depthgrow: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from depthgrow.checkpoint import load_checkpoint
+from depthgrow.cli import COMMANDS, build_parser, main
+
+TINY = [
+    "--model", "gpt2-test", "--train.steps=40", "--train.batch_size=4", "--train.eval_every=10",
+    "--train.eval_batches=2",
+]  # fmt: skip
+
+
+def run_cli(*args, **kwargs):
+    return subprocess.run(
+        [sys.executable, "-m", "depthgrow", *args], capture_output=True, text=True, timeout=120, **kwargs
+    )
+
+
+def test_command_table_matches_the_parser():
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if a.dest == "command").choices
+    assert set(subcommands) == set(COMMANDS)
+
+
+def test_flops_reproduces_the_paper_compute_fractions(capsys):
+    assert main(["flops", "--model", "gpt2-7b", "--growth.source_depth=0", "--growth.at=0.8"]) == 0
+    paper_7b = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("paper"))
+    assert "21.8%" in paper_7b and "4.58x" in paper_7b and "157.54M" in paper_7b
+    assert main(["flops", "--model", "gpt2-124m", "--growth.source_depth=0"]) == 0
+    paper_124m = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("paper"))
+    assert "45.3%" in paper_124m and "39.39M" in paper_124m
+
+
+def test_train_end_to_end_through_the_console_entry(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("train", *TINY, "--growth.source_depth=0", "--growth.at=0.5", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "final validation loss" in result.stdout
+    for name in ("config.toml", "log.jsonl", "checkpoint.pt", "summary.json"):
+        assert (out / name).exists(), name
+    assert "grew to depth 2 at step 20" in result.stderr
+
+
+def test_train_from_a_config_file_with_overrides(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('[model]\npreset = "gpt2-test"\n[train]\nsteps = 12\nbatch_size = 2\neval_every = 6\n')
+    assert main(["train", str(config), "--train.steps", "8", "--out", str(tmp_path / "run")]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["step"] == 8 and summary["tokens"] == 8 * 2 * 32
+
+
+BAD_INPUTS = {
+    "unknown preset": (["--model", "gpt2-huge"], "unknown model preset 'gpt2-huge'"),
+    "unknown init": (["--growth.source_depth=1", "--growth.init=clone"], "growth.init must be one of"),
+    "unknown optimizer": (["--optim.name=adamax"], "optim.name must be one of"),
+    "source not below target": (["--growth.source_depth=2"], "growth depths must increase"),
+    "expansion after T": (["--growth.source_depth=0", "--growth.at=40"], "outside (0, T=40)"),
+    "expansion at 0": (["--growth.source_depth=0", "--growth.at=0"], "outside (0, T=40)"),
+    "copy from zero layers": (["--growth.source_depth=0", "--growth.init=copy"], "zero-layer source"),
+    "unknown key": (["--train.stepz=5"], "unknown config key train.stepz"),
+    "unknown section": (["--trainer.steps=5"], "unknown config section 'trainer'"),
+    "bad number": (["--train.steps=many"], "train.steps must be an integer"),
+    "missing data": (["--data", "/nonexistent/corpus.txt"], "does not exist"),
+    "missing config": (["/nonexistent/run.toml"], "config file /nonexistent/run.toml does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_gets_one_line_and_exit_status_2(tmp_path, capsys, case):
+    args, message = BAD_INPUTS[case]
+    code = main(["train", *TINY, "--out", str(tmp_path / "run"), *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("depthgrow: error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def data_file(tmp_path, content: bytes):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(content)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", "is empty"), (b"to be or not to be", "fewer than one context"), (b"\xff\xfe\x00bad", "not UTF-8")],
+    ids=["empty", "too short", "not text"],
+)
+def test_bad_data_gets_one_line(tmp_path, capsys, content, message):
+    assert main(["train", *TINY, "--out", str(tmp_path / "run"), "--data", data_file(tmp_path, content)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_unreadable_config_and_foreign_checkpoint_get_one_line(tmp_path, capsys):
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[train\nsteps = 3")
+    assert main(["train", str(broken)]) == 2
+    assert "is unreadable" in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run), "--stop-at", "5"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--optim.lr=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "belongs to another config" in err and "optim.lr" in err and err.count("\n") == 1
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "is unreadable" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--model", "gpt2-test", "--train.steps=100000", "--train.batch_size=2", "--out", str(out)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "depthgrow", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    log = out / "log.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (log.exists() and log.stat().st_size > 20_000):
+        time.sleep(0.1)
+    os.kill(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert f"Resume with: depthgrow train --resume {out}" in err
+    assert "Traceback" not in err
+    step = load_checkpoint(out / "checkpoint.pt")["train_state"]["step"]
+    assert step > 0
+    resumed = run_cli("train", "--resume", str(out), "--stop-at", str(step + 5))
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(out / "checkpoint.pt")["train_state"]["step"] == step + 5
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if '"train"' in line]
+    assert steps == list(range(1, step + 6))  # one run's log: nothing lost, nothing repeated
+
+
+def test_compare_writes_table_summary_and_plot_and_reuses_finished_runs(tmp_path, capsys):
+    out = tmp_path / "compare"
+    args = ["compare", *TINY, "--growth.at=0.5", "--growth.init=copy", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads((out / "summary.json").read_text())
+    assert [r["name"] for r in rows] == ["fixed", "grow0", "grow1"]
+    assert [r["source_depth"] for r in rows] == [None, 0, 1]
+    assert [r["init"] for r in rows] == [None, "random", "copy"]  # zero layers cannot copy
+    fixed, grow0, grow1 = rows
+    assert fixed["gap_pct"] == 0 and fixed["compute_fraction"] == 1 and fixed["wall_fraction"] == 1
+    for row in (grow0, grow1):
+        for key in ("final_val_loss", "gap_pct", "flops", "compute_fraction", "wall_s", "wall_fraction"):
+            assert isinstance(row[key], float), key
+        assert row["gap_pct"] == pytest.approx(100 * (row["final_val_loss"] / fixed["final_val_loss"] - 1))
+        assert 0 < row["compute_fraction"] < 1 and row["flops"] < fixed["flops"]
+    assert grow0["compute_fraction"] < grow1["compute_fraction"]
+    assert (out / "compare.png").stat().st_size > 10_000
+    assert "| grow0 | 0 | random |" in printed and (out / "summary.md").read_text().strip() in printed
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("reusing the finished run") == 3
+    assert json.loads((out / "summary.json").read_text()) == rows

@@ -1,0 +1,34 @@
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def quick_start_commands() -> list[str]:
+    section = README.split("## Quick start", 1)[1]
+    block = re.search(r"```[a-z]*\n(.*?)```", section, re.S).group(1)
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_quick_start_is_two_commands_install_and_run_then_test():
+    install_and_run, test = quick_start_commands()
+    assert "pip install" in install_and_run and install_and_run.endswith("depthgrow compare")
+    assert '".[test]"' in test and test.endswith("pytest")
+
+
+def test_ci_runs_the_quick_start_test_command():
+    script = ROOT / ".ci" / "run"
+    extraction = next(line for line in script.read_text().splitlines() if line.startswith("test_command="))
+    command = extraction.split("=", 1)[1].strip('"')[2:-1]  # the $( ... ) part
+    found = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == quick_start_commands()[1]
+
+
+def test_the_library_example_runs():
+    example = re.search(r"### As a library.*?```python\n(.*?)```", README, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(example, "README example", "exec"), namespace)
+    assert namespace["model"].config.n_layer == 12
+    assert len(namespace["new_names"]) == 12 * 12  # twelve fresh blocks of twelve tensors
