@@ -85,13 +85,11 @@ class RunConfig:
             raise DepthgrowError(
                 f"unknown config section(s) {', '.join(unknown)}; sections are: model, {', '.join(SECTIONS)}"
             )
-        preset_name, model = _model_from_dict(dict(raw.get("model", {})))
-        sections = {}
-        for name, section_class in SECTIONS.items():
-            values = raw.get(name, {})
-            if not isinstance(values, dict):
-                raise DepthgrowError(f"config section [{name}] must be a table, got {values!r}")
-            sections[name] = _section_from_dict(section_class, values, name)
+        preset_name, model = _model_from_dict(dict(_table(raw, "model")))
+        sections = {
+            name: section_class(**_coerce_fields(section_class, _table(raw, name), name))
+            for name, section_class in SECTIONS.items()
+        }
         return cls(model_preset=preset_name, model=model, **sections)
 
     def problems(self) -> list[str]:
@@ -124,7 +122,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | None
     raw: dict[str, Any] = {}
     if path is not None:
         raw = read_toml(path)
-    for key, value in (overrides or {}).items():
+    overrides = overrides or {}
+    if "model.preset" in overrides:
+        # a new preset replaces the whole model section (a saved config lists every model field)
+        raw["model"] = {}
+    for key, value in overrides.items():
         section, _, name = key.partition(".")
         if not name:
             raise DepthgrowError(f"option --{key} needs a section, e.g. --train.steps=1000")
@@ -132,7 +134,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | None
             raise DepthgrowError(
                 f"unknown config section {section!r} in --{key}; sections are: model, {', '.join(SECTIONS)}"
             )
-        raw.setdefault(section, {})[name.replace("-", "_")] = value
+        raw[section] = {**_table(raw, section), name.replace("-", "_"): value}
     return RunConfig.from_dict(raw).validate()
 
 
@@ -185,8 +187,11 @@ def _model_from_dict(values: dict[str, Any]) -> tuple[str | None, ModelConfig]:
     return preset_name, dataclasses.replace(base, **changes)
 
 
-def _section_from_dict(section_class: type, values: dict[str, Any], section: str) -> Any:
-    return section_class(**_coerce_fields(section_class, values, section))
+def _table(raw: dict[str, Any], section: str) -> dict[str, Any]:
+    values = raw.get(section, {})
+    if not isinstance(values, dict):
+        raise DepthgrowError(f"config section [{section}] must be a table, got {values!r}")
+    return values
 
 
 def _coerce_fields(section_class: type, values: dict[str, Any], section: str) -> dict[str, Any]:

@@ -8,6 +8,8 @@ with the same data, context length, batch size and ``eval_batches``, so runs com
 
 from __future__ import annotations
 
+import base64
+import binascii
 import importlib.util
 import os
 from collections.abc import Callable
@@ -85,7 +87,7 @@ def _from_documents(files: list[Path], config: DataConfig, source: str) -> Token
     train_parts, val_parts = [], []
     for file in files:
         try:
-            text = file.read_text(encoding="utf-8")
+            text = file.read_bytes().decode("utf-8")  # bytes as they are: no newline translation
         except UnicodeDecodeError:
             raise DepthgrowError(f"data file {file} is not UTF-8 text") from None
         except OSError as error:
@@ -94,11 +96,11 @@ def _from_documents(files: list[Path], config: DataConfig, source: str) -> Token
         cut = round(len(tokens) * (1.0 - config.val_fraction))
         train_parts += [tokens[:cut], separator]
         val_parts += [tokens[cut:], separator]
+    if sum(len(part) for part in train_parts[::2]) == 0:
+        raise DepthgrowError(f"data {source} is empty")
     dtype = np.uint8 if config.tokenizer == "byte" else np.uint16
     train = np.concatenate(train_parts).astype(dtype)
     val = np.concatenate(val_parts).astype(dtype)
-    if len(train) == 0:
-        raise DepthgrowError(f"data {source} is empty")
     return TokenData(train=train, val=val, vocab_size=vocab_size, source=source)
 
 
@@ -116,7 +118,6 @@ def gpt2_encoding(bpe_file: str | None):
     """GPT-2's BPE as a tiktoken Encoding, loaded from a local ``gpt2.tiktoken`` (no download)."""
     try:
         import tiktoken
-        from tiktoken.load import load_tiktoken_bpe
         from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
     except ImportError:
         raise DepthgrowError("tokenizer=gpt2 needs tiktoken: pip install 'depthgrow[bpe]'") from None
@@ -128,13 +129,20 @@ def gpt2_encoding(bpe_file: str | None):
         )
     if not Path(bpe_file).is_file():
         raise DepthgrowError(f"GPT-2 BPE file {bpe_file} does not exist")
-    try:
-        ranks = load_tiktoken_bpe(str(bpe_file))
-    except Exception as error:  # tiktoken raises plain ValueErrors/KeyErrors on a malformed file
-        raise DepthgrowError(f"GPT-2 BPE file {bpe_file} is unreadable: {error}") from None
+    ranks = _read_bpe_ranks(Path(bpe_file))
     return tiktoken.Encoding(
         name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: len(ranks)}
     )
+
+
+def _read_bpe_ranks(path: Path) -> dict[bytes, int]:
+    """tiktoken's format, one ``base64(token) rank`` per line, read directly: tiktoken's own loader
+    caches files by path in a temporary folder, so an edited file would keep its old contents."""
+    try:
+        lines = path.read_bytes().splitlines()
+        return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
+    except (OSError, ValueError, binascii.Error) as error:
+        raise DepthgrowError(f"GPT-2 BPE file {path} is unreadable: {error}") from None
 
 
 def _from_bin_folder(path: Path, config: DataConfig) -> TokenData:

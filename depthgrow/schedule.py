@@ -58,6 +58,8 @@ def lr_multiplier(step: int, total_steps: int, config: ScheduleConfig) -> float:
     decay_start = total_steps - decay_steps
     if step < decay_start:
         return 1.0
+    if step >= total_steps:
+        return final
     progress = (step - decay_start) / decay_steps
     if config.decay_shape == "linear":
         remaining = 1.0 - progress
