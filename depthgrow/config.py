@@ -8,6 +8,7 @@ written beside every run as ``config.toml`` and loads back to an equal config.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tomllib
 import types
@@ -233,24 +234,13 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             return value.lower() in ("true", "1", "yes", "on")
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+    elif annotation in (int, float) and not isinstance(value, bool):
+        number = value
         if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-    elif annotation is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            with contextlib.suppress(ValueError):
+                number = annotation(value)
+        if isinstance(number, int | float) and (annotation is float or float(number).is_integer()):
+            return annotation(number)
     elif annotation is str:
         if isinstance(value, str):
             return value

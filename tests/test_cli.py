@@ -160,3 +160,18 @@ def test_compare_writes_table_summary_and_plot_and_reuses_finished_runs(tmp_path
     assert main(args) == 0
     assert capsys.readouterr().out.count("reusing the finished run") == 3
     assert json.loads((out / "summary.json").read_text()) == rows
+
+
+def test_the_package_imports_without_optional_extras():
+    blocked = "import sys; sys.modules.update(matplotlib=None, tiktoken=None, transformers=None); "
+    code = blocked + "import depthgrow, depthgrow.cli, depthgrow.compare, depthgrow.data; print('ok')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_compare_without_matplotlib_still_writes_the_table(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "depthgrow.plot", None)  # as if matplotlib were not installed
+    out = tmp_path / "compare"
+    assert main(["compare", *TINY, "--growth.at=0.5", "--sources", "0", "--out", str(out)]) == 0
+    assert "pip install 'depthgrow[plot]'" in capsys.readouterr().out
+    assert (out / "summary.json").exists() and not (out / "compare.png").exists()
