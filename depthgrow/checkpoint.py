@@ -57,11 +57,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def training_state(model: nn.Module, optimizer: OptimizerChain) -> dict[str, Any]:
-    return {"model": model.state_dict(), "optimizer": get_optimizer_state_dict(model, optimizer.optimizers)}
+    # before the first step there is no optimizer state to save; asking DCP for it anyway would make it
+    # initialise the state with a zero-gradient step, which counts as a step for AdamW
+    has_state = all(opt.state for opt in optimizer.optimizers)
+    optimizer_state = get_optimizer_state_dict(model, optimizer.optimizers) if has_state else None
+    return {"model": model.state_dict(), "optimizer": optimizer_state}
 
 
 def restore_training_state(model: nn.Module, optimizer: OptimizerChain, payload: dict[str, Any]) -> None:
     model.load_state_dict(payload["model"])
-    # not strict: a checkpoint taken before the first step holds no optimizer state at all
-    options = StateDictOptions(strict=False)
-    set_optimizer_state_dict(model, optimizer.optimizers, payload["optimizer"], options=options)
+    if payload["optimizer"] is not None:
+        # not strict: parameters that never had a gradient have no state to load
+        options = StateDictOptions(strict=False)
+        set_optimizer_state_dict(model, optimizer.optimizers, payload["optimizer"], options=options)

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from depthgrow.analysis import DEFAULT_MIX_TOLERANCE
 from depthgrow.config import RunConfig, TrainConfig, load_config
 from depthgrow.errors import DepthgrowError
 from depthgrow.flops import DEPTHGROW, PAPER, compare_compute
@@ -81,15 +82,17 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 def cmd_compare(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from depthgrow.compare import compare
 
+    if not 0.0 <= args.mix_tolerance < float("inf"):
+        raise DepthgrowError(f"--mix-tolerance must be a finite fraction >= 0, got {args.mix_tolerance}")
     config = _config(args, overrides, default_out="runs/compare")
-    compare(config, sources=args.sources, overwrite=args.overwrite)
+    compare(config, sources=args.sources, overwrite=args.overwrite, mix_tolerance=args.mix_tolerance)
     return 0
 
 
 def cmd_flops(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     config = _config(args, overrides)
     model, train_config = config.model, config.train
-    sources = [config.growth.source_depth] if config.growth.source_depth is not None else [0, 1]
+    sources = [config.growth.source_depth] if config.growth.source_depth is not None else [0, 1][: model.n_layer]
     tokens_per_step = train_config.batch_size * model.block_size
     print(
         f"{config.model_preset or model.family}: {model.n_layer} layers, {model.num_params() / 1e6:,.2f}M parameters; "
@@ -99,8 +102,6 @@ def cmd_flops(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     header += f"{'progr. FLOPs':>12} {'fraction':>9} {'speedup':>8}"
     print(header)
     for source in sources:
-        if source >= model.n_layer:
-            raise DepthgrowError(f"growth.source_depth={source} must be below model.n_layer={model.n_layer}")
         plan = growth_plan(
             source_depth=source,
             via=config.growth.via,
@@ -172,7 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DEPTHS",
         help="source depths of the progressive runs, comma-separated (default 0,1)",
     )
-    compare_parser.add_argument("--overwrite", action="store_true", help="rerun runs already in the output folder")
+    compare_parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace runs of another config in the output folder (runs of the same config are always reused)",
+    )
+    compare_parser.add_argument(
+        "--mix-tolerance",
+        type=float,
+        default=DEFAULT_MIX_TOLERANCE,
+        metavar="FRACTION",
+        help="a progressive run has mixed once its validation loss is within this fraction of the "
+        f"baseline's at the same step (default {DEFAULT_MIX_TOLERANCE})",
+    )
 
     command("flops", "print parameters, FLOPs, compute fraction and speedup of a growth plan")
     return parser
@@ -197,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("depthgrow: interrupted", file=sys.stderr)
         return 130
+    except OSError as error:  # a file or folder the user named cannot be read or written
+        print(f"depthgrow: error: {error.filename or ''}: {error.strerror}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,14 +13,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from depthgrow.checkpoint import CHECKPOINT_NAME
-from depthgrow.config import RESUME_FREE_KEYS, RunConfig, config_differences, read_toml
+from depthgrow.analysis import DEFAULT_MIX_TOLERANCE, eval_curve, last_growth_step, mixing_time
+from depthgrow.config import RunConfig
 from depthgrow.errors import DepthgrowError
-from depthgrow.growth import COPY_INITS
+from depthgrow.growth import COPY_INITS, GrowthConfig
 from depthgrow.metrics import LOG_NAME, read_log
-from depthgrow.train import CONFIG_NAME, SUMMARY_NAME, train
+from depthgrow.train import run_or_reuse
 
 FIXED = "fixed"
+COMPARE_RESUME_HINT = "the same depthgrow compare command (finished runs are reused, started ones resumed)"
 
 
 def run_configs(base: RunConfig, sources: list[int]) -> dict[str, RunConfig]:
@@ -34,7 +35,8 @@ def run_configs(base: RunConfig, sources: list[int]) -> dict[str, RunConfig]:
     configs = {
         FIXED: dataclasses.replace(
             base,
-            growth=dataclasses.replace(base.growth, source_depth=None),
+            # the growth options do not concern the baseline: leaving them out lets it be reused when they change
+            growth=GrowthConfig(),
             train=dataclasses.replace(base.train, out_dir=str(root / FIXED)),
         )
     }
@@ -53,35 +55,26 @@ def run_configs(base: RunConfig, sources: list[int]) -> dict[str, RunConfig]:
     return configs
 
 
-def _run_once(name: str, config: RunConfig, overwrite: bool) -> dict[str, Any]:
-    out_dir = Path(config.train.out_dir)
-    saved_config = out_dir / CONFIG_NAME
-    same = saved_config.exists() and not config_differences(
-        config.to_dict(), RunConfig.from_dict(read_toml(saved_config)).to_dict(), ignore=RESUME_FREE_KEYS
-    )
-    if same and not overwrite and (out_dir / SUMMARY_NAME).exists():
-        print(f"{name}: reusing the finished run in {out_dir}")
-    elif same and not overwrite and (out_dir / CHECKPOINT_NAME).exists():
-        train(config, resume=True, label=name)
-    elif (out_dir / CHECKPOINT_NAME).exists() and not overwrite:
-        raise DepthgrowError(
-            f"{out_dir} holds a run of another config; pass --overwrite to replace it, or choose another --out"
-        )
-    else:
-        train(config, overwrite=True, label=name)
-    summary_path = out_dir / SUMMARY_NAME
-    if not summary_path.exists():  # stopped by Ctrl-C: train() has said how to resume
-        raise KeyboardInterrupt
-    return json.loads(summary_path.read_text())
-
-
-def compare(base: RunConfig, *, sources: list[int], overwrite: bool = False) -> list[dict[str, Any]]:
+def compare(
+    base: RunConfig, *, sources: list[int], overwrite: bool = False, mix_tolerance: float = DEFAULT_MIX_TOLERANCE
+) -> list[dict[str, Any]]:
     configs = run_configs(base, sources)
-    summaries = {name: _run_once(name, config, overwrite) for name, config in configs.items()}
+    summaries = {}
+    for name, config in configs.items():
+        summary = run_or_reuse(config, label=name, overwrite=overwrite, resume_hint=COMPARE_RESUME_HINT)
+        if summary is None:  # stopped by Ctrl-C, with a checkpoint
+            raise KeyboardInterrupt
+        summaries[name] = summary
+    logs = {name: read_log(Path(config.train.out_dir) / LOG_NAME) for name, config in configs.items()}
     fixed = summaries[FIXED]
+    baseline_curve = eval_curve(logs[FIXED])
     rows = []
     for name, config in configs.items():
         summary = summaries[name]
+        growth_step = last_growth_step(logs[name])
+        mixing = None
+        if growth_step is not None:
+            mixing = mixing_time(eval_curve(logs[name]), baseline_curve, growth_step, mix_tolerance)
         rows.append(
             {
                 "name": name,
@@ -92,8 +85,10 @@ def compare(base: RunConfig, *, sources: list[int], overwrite: bool = False) -> 
                 "gap_pct": 100.0 * (summary["final_val_loss"] / fixed["final_val_loss"] - 1.0),
                 "flops": summary["flops"],
                 "compute_fraction": summary["flops"] / fixed["flops"],
-                "wall_s": summary["train_time_s"],
-                "wall_fraction": summary["train_time_s"] / fixed["train_time_s"],
+                "wall_s": _wall(summary),
+                "wall_fraction": _wall(summary) / _wall(fixed),
+                "mixing_steps": mixing,
+                "mix_tolerance": mix_tolerance,
             }
         )
     root = Path(base.train.out_dir)
@@ -101,7 +96,6 @@ def compare(base: RunConfig, *, sources: list[int], overwrite: bool = False) -> 
     table = format_table(rows)
     (root / "summary.md").write_text(table + "\n")
     print(table)
-    logs = {name: read_log(Path(config.train.out_dir) / LOG_NAME) for name, config in configs.items()}
     try:
         from depthgrow.plot import plot_compare
     except ImportError:
@@ -111,6 +105,11 @@ def compare(base: RunConfig, *, sources: list[int], overwrite: bool = False) -> 
         print(f"plot: {plot_path}")
     print(f"summary: {root / 'summary.json'}")
     return rows
+
+
+def _wall(summary: dict[str, Any]) -> float:
+    """Time spent training, the growth itself included; evaluation and checkpoints excluded."""
+    return summary["train_time_s"] + summary["growth_time_s"]
 
 
 def _title(config: RunConfig) -> str:
@@ -123,18 +122,38 @@ def _title(config: RunConfig) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table: speedup is fixed / progressive, by FLOPs and by wall clock."""
+    """A Markdown table: speedup is fixed / progressive, by FLOPs and by wall clock; "mixed after" is the
+    number of steps after the (last) expansion until the validation loss came within the tolerance of
+    the baseline's at the same step ("never" if it did not)."""
     header = (
-        "| run | source depth | init | grows at step | final val loss | gap % | FLOPs | compute fraction "
+        "| run | source depth | init | grows at step | final val loss | gap % | mixed after | FLOPs | compute fraction "
         "| wall s | wall fraction | speedup (FLOPs / wall) |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         source = "-" if row["source_depth"] is None else str(row["source_depth"])
         steps = ", ".join(map(str, row["growth_steps"])) or "-"
-        lines.append(
-            f"| {row['name']} | {source} | {row['init'] or '-'} | {steps} | {row['final_val_loss']:.4f} "
-            f"| {row['gap_pct']:+.2f} | {row['flops']:.3g} | {row['compute_fraction']:.1%} | {row['wall_s']:.1f} "
-            f"| {row['wall_fraction']:.1%} | {1 / row['compute_fraction']:.2f}x / {1 / row['wall_fraction']:.2f}x |"
-        )
+        cells = [
+            row["name"],
+            source,
+            row["init"] or "-",
+            steps,
+            f"{row['final_val_loss']:.4f}",
+            f"{row['gap_pct']:+.2f}",
+            _mixing_text(row),
+            f"{row['flops']:.3g}",
+            f"{row['compute_fraction']:.1%}",
+            f"{row['wall_s']:.1f}",
+            f"{row['wall_fraction']:.1%}",
+            f"{1 / row['compute_fraction']:.2f}x / {1 / row['wall_fraction']:.2f}x",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _mixing_text(row: dict[str, Any]) -> str:
+    if row["source_depth"] is None:
+        return "-"
+    if row["mixing_steps"] is None:
+        return "never"
+    return f"{row['mixing_steps']} steps"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import tomllib
 import types
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from depthgrow.growth import GrowthConfig
 from depthgrow.models import FAMILIES, ModelConfig
 from depthgrow.optim import OptimConfig
 from depthgrow.presets import preset
-from depthgrow.schedule import ScheduleConfig, growth_plan
+from depthgrow.schedule import GrowthPlan, ScheduleConfig, growth_plan
 
 DEFAULT_PRESET = "gpt2-tiny"
 
@@ -46,7 +47,9 @@ class TrainConfig:
             for name in ("steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every")
             if getattr(self, name) < 1
         ]
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+        if self.seed < 0:
+            found.append(f"train.seed must be >= 0, got {self.seed}")
+        if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
             found.append(f"train.device must be auto, cpu or cuda[:N], got {self.device!r}")
         return found
 
@@ -58,8 +61,9 @@ SECTIONS: dict[str, type] = {
     "growth": GrowthConfig,
     "train": TrainConfig,
 }
-# keys that may differ between a checkpoint's config and the config used to resume it
-RESUME_FREE_KEYS = {"train.out_dir", "train.device"}
+# keys that may differ between a checkpoint's config and the config used to resume it: none of them
+# changes what is trained
+RESUME_FREE_KEYS = {"train.out_dir", "train.device", "train.checkpoint_every", "train.eval_every"}
 
 
 @dataclass(kw_only=True)
@@ -99,17 +103,20 @@ class RunConfig:
             found += getattr(self, name).problems()
         if not found:
             try:
-                growth_plan(
-                    source_depth=self.growth.source_depth,
-                    via=self.growth.via,
-                    at=self.growth.at,
-                    target_depth=self.model.n_layer,
-                    total_steps=self.train.steps,
-                )
+                self.plan()
             except DepthgrowError as error:
                 found.append(str(error))
-            found += self.growth.init_problems()
         return found
+
+    def plan(self) -> GrowthPlan:
+        """The depth plan of this run (raises :class:`DepthgrowError` if the growth section is invalid)."""
+        return growth_plan(
+            source_depth=self.growth.source_depth,
+            via=self.growth.via,
+            at=self.growth.at,
+            target_depth=self.model.n_layer,
+            total_steps=self.train.steps,
+        )
 
     def validate(self) -> RunConfig:
         found = self.problems()
@@ -136,7 +143,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | None
                 f"unknown config section {section!r} in --{key}; sections are: model, {', '.join(SECTIONS)}"
             )
         raw[section] = {**_table(raw, section), name.replace("-", "_"): value}
-    return RunConfig.from_dict(raw).validate()
+    config = RunConfig.from_dict(raw).validate()
+    if config.data.path is not None:
+        # absolute, so that a resume or a compare rerun from another folder reads the same data
+        absolute = str(Path(config.data.path).expanduser().resolve())
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, path=absolute))
+    return config
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

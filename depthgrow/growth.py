@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, get_args
@@ -52,9 +53,8 @@ class GrowthConfig:
     copy_optimizer_state: bool = False  # copied blocks also copy their source's optimizer state
 
     def problems(self) -> list[str]:
-        return []
-
-    def init_problems(self) -> list[str]:
+        if not all(math.isfinite(value) for value in self.at):
+            return [f"growth.at must be finite, got {self.at}"]
         if self.source_depth == 0 and self.init in COPY_INITS:
             return [
                 f"growth.init={self.init} copies trained blocks, but a zero-layer source has none; "
@@ -113,7 +113,6 @@ def grow(
     source_depth = model.config.n_layer
     if target_depth <= source_depth:
         raise ValueError(f"target depth {target_depth} must exceed the current depth {source_depth}")
-    sources = slot_sources(init, source_depth, target_depth)
 
     old_names = {id(p): name for name, p in model.named_parameters()}
     fully_covered = _covers(model, optimizer)
@@ -122,6 +121,7 @@ def grow(
 
     model.config = model.config.with_depth(target_depth)
     for prefix, stack in model.block_stacks().items():
+        sources = slot_sources(init, len(stack), target_depth)
         blocks: list[nn.Module] = []
         kept: set[int] = set()
         for index, source in enumerate(sources):
@@ -143,13 +143,15 @@ def grow(
 
     new_names = {name: p for name, p in model.named_parameters()}
     renamed = {name: old_names[id(p)] for name, p in new_names.items() if id(p) in old_names}
-    fresh = [name for name in new_names if name not in renamed]
+    added = [name for name in new_names if name not in renamed]
 
     if make_optimizer is not None:
         new_optimizer = make_optimizer(model)
     elif isinstance(optimizer, OptimizerChain) and optimizer.config is not None:
         new_optimizer = build_optimizer(model, optimizer.config)
         _carry_lr_multiplier(optimizer, new_optimizer)
+    elif isinstance(optimizer, OptimizerChain):
+        new_optimizer = OptimizerChain(_rebuild_like(optimizer.optimizers, model, old_names, renamed, copied_from))
     else:
         new_optimizer = _rebuild_like(optimizer, model, old_names, renamed, copied_from)
 
@@ -164,7 +166,7 @@ def grow(
                     opt.state[p] = _clone_state(old_state[copied_from[name]])
     if fully_covered:
         check_coverage(model, new_optimizer)
-    return Grown(model, new_optimizer, fresh)
+    return Grown(model, new_optimizer, added)
 
 
 def _covers(model: nn.Module, optimizer: OptimizerLike) -> bool:
@@ -212,7 +214,7 @@ def _rebuild_like(
                 where[old_names[id(p)]] = (o, g)
     stacks = tuple(model.block_stacks())
     groups = [[{**group, "params": []} for group in opt.param_groups] for opt in optimizers]
-    single_group = len(where) and len({*where.values()}) == 1
+    single_group = len({*where.values()}) == 1
     for name, p in model.named_parameters():
         template = renamed.get(name) or copied_from.get(name) or _sibling(name, stacks, where)
         if template in where:

@@ -10,6 +10,8 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from depthgrow.errors import DepthgrowError
+
 LOG_NAME = "log.jsonl"
 
 
@@ -21,10 +23,16 @@ class JsonlLog:
         self.path = Path(path)
         if truncate_to is None:
             self._handle = self.path.open("w")
-        else:
-            self._handle = self.path.open("r+") if self.path.exists() else self.path.open("w")
-            self._handle.truncate(truncate_to)
-            self._handle.seek(truncate_to)
+            return
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if size < truncate_to:
+            raise DepthgrowError(
+                f"{self.path} holds {size} bytes but the checkpoint was written after {truncate_to}: "
+                "the log was cut or replaced, so the run cannot be resumed as one log"
+            )
+        self._handle = self.path.open("r+")
+        self._handle.truncate(truncate_to)
+        self._handle.seek(truncate_to)
 
     def write(self, record: dict[str, Any]) -> None:
         self._handle.write(json.dumps(record) + "\n")

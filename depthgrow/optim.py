@@ -6,13 +6,16 @@ that each trainable parameter sits in exactly one group, at build time and after
 
 Muon-NSGD is the paper's optimizer: ``torch.optim.Muon`` (orthogonalised momentum) on the hidden 2-D
 matrices - the 2-D weights inside the block stacks - and normalised SGD on every other tensor
-(embeddings, norms, biases), all with one shared learning rate and weight decay.
+(embeddings, norms, biases), all with one shared learning rate and weight decay (not applied to the
+1-D gains and biases, as with AdamW).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
@@ -34,10 +37,12 @@ class OptimConfig:
 
     def problems(self) -> list[str]:
         found = []
-        if self.lr <= 0:
-            found.append(f"optim.lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            found.append(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            found.append(f"optim.lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            found.append(f"optim.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            found.append(f"optim.eps must be a finite number > 0, got {self.eps}")
         for name in ("beta1", "beta2", "momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 found.append(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -105,8 +110,9 @@ class OptimizerChain:
         return [group for optimizer in self.optimizers for group in optimizer.param_groups]
 
     @property
-    def state(self) -> dict[torch.Tensor, dict[str, Any]]:
-        return {p: s for optimizer in self.optimizers for p, s in optimizer.state.items()}
+    def state(self) -> Mapping[torch.Tensor, dict[str, Any]]:
+        """A read-only view of every optimizer's state (write through ``optimizers[i].state``)."""
+        return MappingProxyType({p: s for optimizer in self.optimizers for p, s in optimizer.state.items()})
 
     def step(self) -> None:
         for optimizer in self.optimizers:
@@ -166,10 +172,16 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> OptimizerChain:
                     nesterov=True,
                 )
             )
-        if other_params:
+        # as with AdamW, norms' gains and biases are not decayed (decay would pull gains towards 0)
+        other_groups = [
+            {"params": [p for p in other_params if p.ndim >= 2], "role": "other", "weight_decay": config.weight_decay},
+            {"params": [p for p in other_params if p.ndim < 2], "role": "other_no_decay", "weight_decay": 0.0},
+        ]
+        other_groups = [group for group in other_groups if group["params"]]
+        if other_groups:
             optimizers.append(
                 NormalizedSGD(
-                    _with_lr([{"params": other_params, "role": "other"}], config.lr),
+                    _with_lr(other_groups, config.lr),
                     lr=config.lr,
                     weight_decay=config.weight_decay,
                     momentum=config.momentum,

@@ -28,7 +28,7 @@ class ScheduleConfig:
     def problems(self) -> list[str]:
         found = []
         for name in ("warmup", "decay", "final_lr_frac"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
+            if not 0.0 <= getattr(self, name) <= 1.0:  # also false for NaN
                 found.append(f"schedule.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.name == "wsd" and self.warmup + self.decay > 1.0:
             found.append(f"schedule.warmup + schedule.decay must be <= 1, got {self.warmup} + {self.decay}")

@@ -6,14 +6,18 @@ step, an ``eval`` record per evaluation, including just before and just after ea
 
 Everything random is a pure function of the seed and the step (batches, fresh blocks at growth), the
 learning rate is a pure function of the step, and the checkpoint holds model, optimizer (by parameter
-name), step, counters and the torch RNG state: a resumed run repeats the uninterrupted one's losses
-exactly, before or after an expansion.
+name), step, counters and the RNG state: a resumed run repeats the uninterrupted one's losses exactly,
+before or after an expansion.
+
+``train`` sets two pieces of global torch state: the seed of the default generator (dropout draws from
+it) and, on the CPU, flush-to-zero for denormals (without it early steps ran many times slower).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import signal
 import sys
 import time
@@ -34,15 +38,15 @@ from depthgrow.checkpoint import (
     save_checkpoint,
     training_state,
 )
-from depthgrow.config import RESUME_FREE_KEYS, RunConfig, config_differences, save_config
+from depthgrow.config import RESUME_FREE_KEYS, RunConfig, config_differences, read_toml, save_config
 from depthgrow.data import Batches, load_data
 from depthgrow.errors import DepthgrowError
 from depthgrow.flops import DEPTHGROW
 from depthgrow.growth import grow
-from depthgrow.metrics import LOG_NAME, JsonlLog, Progress, read_log
+from depthgrow.metrics import LOG_NAME, JsonlLog, Progress
 from depthgrow.models import build_model
 from depthgrow.optim import OptimizerChain, build_optimizer
-from depthgrow.schedule import GrowthPlan, growth_plan, lr_multiplier
+from depthgrow.schedule import GrowthPlan, lr_multiplier
 
 CONFIG_NAME = "config.toml"
 SUMMARY_NAME = "summary.json"
@@ -58,6 +62,7 @@ class TrainState:
     flops: float = 0.0  # cumulative training FLOPs across depth changes (depthgrow counting)
     train_time_s: float = 0.0  # time in training steps only: no evaluation, checkpoint or growth
     growth_time_s: float = 0.0
+    last_val_loss: float | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -71,21 +76,14 @@ class RunResult:
     finished: bool
 
 
-def plan_of(config: RunConfig) -> GrowthPlan:
-    return growth_plan(
-        source_depth=config.growth.source_depth,
-        via=config.growth.via,
-        at=config.growth.at,
-        target_depth=config.model.n_layer,
-        total_steps=config.train.steps,
-    )
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DepthgrowError(f"train.device={name} but this machine has no CUDA device; use cpu or auto")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count()
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            raise DepthgrowError(f"train.device={name} but this machine has {count} CUDA device(s); use cpu or auto")
     return torch.device(name)
 
 
@@ -101,15 +99,10 @@ def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
     return total / len(batches)
 
 
-def check_resumable(config: RunConfig, checkpoint: dict[str, Any], path: Path) -> None:
-    differing = config_differences(config.to_dict(), checkpoint["config"], ignore=RESUME_FREE_KEYS)
-    if differing:
-        raise DepthgrowError(f"checkpoint {path} belongs to another config; differing: {', '.join(differing)}")
-
-
 class _StopRequest:
-    """Ctrl-C sets a flag that the loop reads between steps, so the checkpoint written on the way out
-    is of a whole step; a second Ctrl-C interrupts at once (the previous checkpoint stays whole)."""
+    """Ctrl-C (or SIGTERM, as batch schedulers and torchrun send) sets a flag that the loop reads between
+    steps, so the checkpoint written on the way out is of a whole step; a second Ctrl-C interrupts at
+    once (the previous checkpoint stays whole)."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -120,17 +113,150 @@ class _StopRequest:
 
 
 @contextmanager
-def _stop_on_ctrl_c() -> Iterator[_StopRequest]:
+def _stop_on_signals() -> Iterator[_StopRequest]:
     stop = _StopRequest()
     try:
-        previous = signal.signal(signal.SIGINT, stop)
-    except ValueError:  # not the main thread: leave Ctrl-C as it is
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: leave the signals as they are
         yield stop
         return
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _prepare_out_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Check the output folder before any expensive work; return the checkpoint to resume from."""
+    out_dir = Path(config.train.out_dir)
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    if resume:
+        checkpoint = load_checkpoint(checkpoint_path)
+        differing = config_differences(config.to_dict(), checkpoint["config"], ignore=RESUME_FREE_KEYS)
+        if differing:
+            raise DepthgrowError(
+                f"checkpoint {checkpoint_path} belongs to another config; differing: {', '.join(differing)}"
+            )
+        return checkpoint
+    if checkpoint_path.exists() and not overwrite:
+        raise DepthgrowError(
+            f"{out_dir} already holds a run; resume it with --resume, or pass --overwrite to start over"
+        )
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # a fresh start must not leave the old run's checkpoint behind for a later --resume to pick up
+        for stale in (CHECKPOINT_NAME, CHECKPOINT_NAME + ".tmp", SUMMARY_NAME):
+            (out_dir / stale).unlink(missing_ok=True)
+        save_config(config, out_dir / CONFIG_NAME)
+    except OSError as error:
+        raise DepthgrowError(f"cannot write the run folder {out_dir}: {error.strerror}") from None
+    return None
+
+
+@dataclass
+class _Run:
+    """What one training run holds while it runs."""
+
+    config: RunConfig
+    plan: GrowthPlan
+    batches: Batches
+    val_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    device: torch.device
+    model: nn.Module
+    optimizer: OptimizerChain
+    state: TrainState
+    log: JsonlLog
+
+    def train_step(self) -> float:
+        total = self.config.train.steps
+        tokens_per_step = self.config.train.batch_size * self.config.model.block_size
+        self.optimizer.set_lr_multiplier(lr_multiplier(self.state.step, total, self.config.schedule))
+        started = time.perf_counter()
+        x, y = self.batches.train_batch(self.state.step)
+        loss = loss_fn(self.model(x.to(self.device)), y.to(self.device))
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise DepthgrowError(
+                f"the training loss became {loss_value} at step {self.state.step + 1}; the last checkpoint "
+                "(if any) is left as it was; lower optim.lr or check the data"
+            )
+        self.state.train_time_s += time.perf_counter() - started
+        self.state.step += 1
+        self.state.tokens += tokens_per_step
+        self.state.flops += DEPTHGROW.per_token(self.model.config) * tokens_per_step
+        self.log.write(
+            dict(
+                event="train",
+                step=self.state.step,
+                loss=loss_value,
+                lr=self.optimizer.param_groups[0]["lr"],
+                depth=self.state.depth,
+                flops=self.state.flops,
+                tokens=self.state.tokens,
+                wall_s=self.state.train_time_s,
+            )
+        )
+        return loss_value
+
+    def evaluate(self, phase: str | None = None) -> float:
+        val_loss = evaluate(self.model, self.val_batches, self.device)
+        self.state.last_val_loss = val_loss
+        record = dict(
+            event="eval",
+            step=self.state.step,
+            val_loss=val_loss,
+            depth=self.state.depth,
+            flops=self.state.flops,
+            tokens=self.state.tokens,
+            wall_s=self.state.train_time_s,
+        )
+        self.log.write(record if phase is None else {**record, "phase": phase})
+        self.log.flush()
+        return val_loss
+
+    def expand(self) -> None:
+        before = self.evaluate("pre_growth")
+        started = time.perf_counter()
+        source_depth, target_depth = self.state.depth, self.plan.depth_at(self.state.step)
+        growth = self.config.growth
+        self.model, self.optimizer, _ = grow(
+            self.model,
+            self.optimizer,
+            target_depth,
+            growth.init,
+            seed=self.config.train.seed,
+            copy_optimizer_state=growth.copy_optimizer_state,
+        )
+        seconds = time.perf_counter() - started
+        self.state.growth_time_s += seconds
+        self.state.depth = target_depth
+        after = self.evaluate("post_growth")
+        self.log.write(
+            dict(
+                event="growth",
+                step=self.state.step,
+                from_depth=source_depth,
+                to_depth=target_depth,
+                init=growth.init,
+                seconds=seconds,
+                val_loss_before=before,
+                val_loss_after=after,
+            )
+        )
+
+    def save(self) -> None:
+        payload = training_state(self.model, self.optimizer)
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        payload.update(
+            config=self.config.to_dict(), train_state=self.state.state_dict(), rng=rng, log_offset=self.log.flush()
+        )
+        save_checkpoint(Path(self.config.train.out_dir) / CHECKPOINT_NAME, payload)
 
 
 def train(
@@ -140,24 +266,21 @@ def train(
     overwrite: bool = False,
     stop_at: int | None = None,
     label: str = "train",
+    resume_hint: str | None = None,
 ) -> RunResult:
     """Run (or, with ``resume``, continue) training as ``config`` says; ``stop_at`` ends the run after
-    that many steps with a checkpoint, as a kill would, so that it can be resumed."""
+    that many steps with a checkpoint, as a kill would, so that it can be resumed. ``resume_hint`` is the
+    command printed after a Ctrl-C (default: ``depthgrow train --resume OUT_DIR``)."""
     config.validate()
+    checkpoint = _prepare_out_dir(config, resume=resume, overwrite=overwrite)
+    start_step = checkpoint["train_state"]["step"] if checkpoint else 0
+    if stop_at is not None and not start_step < stop_at <= config.train.steps:
+        raise DepthgrowError(f"--stop-at must be in ({start_step}, {config.train.steps}], got {stop_at}")
     out_dir = Path(config.train.out_dir)
-    checkpoint_path = out_dir / CHECKPOINT_NAME
-    if not resume and checkpoint_path.exists() and not overwrite:
-        raise DepthgrowError(
-            f"{out_dir} already holds a run; resume it with --resume, or pass --overwrite to start over"
-        )
-    checkpoint = None
-    if resume:
-        checkpoint = load_checkpoint(checkpoint_path)
-        check_resumable(config, checkpoint, checkpoint_path)
 
     device = resolve_device(config.train.device)
     if device.type == "cpu":
-        torch.set_flush_denormal(True)  # denormals made early steps many times slower on CPU
+        torch.set_flush_denormal(True)
     data = load_data(config.data)
     if data.vocab_size > config.model.vocab_size:
         raise DepthgrowError(
@@ -171,167 +294,77 @@ def train(
         eval_batches=config.train.eval_batches,
         seed=config.train.seed,
     )
-    val_batches = batches.val_batches()
-    plan = plan_of(config)
-    total = config.train.steps
-    tokens_per_step = config.train.batch_size * config.model.block_size
-
+    plan = config.plan()
     torch.manual_seed(config.train.seed)
-    state = TrainState(depth=plan.initial_depth)
-    if checkpoint is not None:
-        state = TrainState(**checkpoint["train_state"])
+    state = TrainState(**checkpoint["train_state"]) if checkpoint else TrainState(depth=plan.initial_depth)
     model = build_model(config.model.with_depth(state.depth), seed=config.train.seed, device=device)
     optimizer = build_optimizer(model, config.optim)
-    if checkpoint is not None:
+    if checkpoint:
         restore_training_state(model, optimizer, checkpoint)
         torch.set_rng_state(checkpoint["rng"]["torch"])
-        log = JsonlLog(out_dir / LOG_NAME, truncate_to=checkpoint["log_offset"])
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, out_dir / CONFIG_NAME)
-        (out_dir / SUMMARY_NAME).unlink(missing_ok=True)
-        log = JsonlLog(out_dir / LOG_NAME)
+        if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    log = JsonlLog(out_dir / LOG_NAME, truncate_to=checkpoint["log_offset"] if checkpoint else None)
+    run = _Run(config, plan, batches, batches.val_batches(), device, model, optimizer, state, log)
     model.train()
 
-    def save() -> None:
-        payload = training_state(model, optimizer)
-        payload.update(
-            config=config.to_dict(),
-            train_state=state.state_dict(),
-            rng={"torch": torch.get_rng_state()},
-            data={"seed": batches.seed, "next_step": state.step},
-            log_offset=log.flush(),
-        )
-        save_checkpoint(checkpoint_path, payload)
-
-    def log_eval(phase: str | None = None) -> float:
-        val_loss = evaluate(model, val_batches, device)
-        record = dict(
-            event="eval",
-            step=state.step,
-            val_loss=val_loss,
-            depth=state.depth,
-            flops=state.flops,
-            tokens=state.tokens,
-            wall_s=state.train_time_s,
-        )
-        log.write(record if phase is None else {**record, "phase": phase})
-        return val_loss
-
+    total = config.train.steps
     progress = Progress(total=total, initial=state.step, label=label)
-    if checkpoint is not None:
-        progress.write(f"{label}: resumed at step {state.step} (depth {state.depth}) from {checkpoint_path}")
-    saved_at = state.step if checkpoint is not None else -1
-    val_loss = None
-    with _stop_on_ctrl_c() as stop:
+    if checkpoint:
+        progress.write(f"{label}: resumed at step {state.step} (depth {state.depth}) from {out_dir / CHECKPOINT_NAME}")
+    saved_at = state.step if checkpoint else -1
+    with _stop_on_signals() as stop:
         try:
             while state.step < total and not stop.requested and (stop_at is None or state.step < stop_at):
                 if plan.depth_at(state.step) > state.depth:
-                    model, optimizer = _expand(model, optimizer, plan, state, config, log_eval, log)
+                    run.expand()
                     progress.write(f"{label}: grew to depth {state.depth} at step {state.step}")
-                optimizer.set_lr_multiplier(lr_multiplier(state.step, total, config.schedule))
-                started = time.perf_counter()
-                x, y = batches.train_batch(state.step)
-                loss = loss_fn(model(x.to(device)), y.to(device))
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                loss_value = loss.item()
-                state.train_time_s += time.perf_counter() - started
-                state.step += 1
-                state.tokens += tokens_per_step
-                state.flops += DEPTHGROW.per_token(model.config) * tokens_per_step
-                lr = optimizer.param_groups[0]["lr"]
-                log.write(
-                    dict(
-                        event="train",
-                        step=state.step,
-                        loss=loss_value,
-                        lr=lr,
-                        depth=state.depth,
-                        flops=state.flops,
-                        tokens=state.tokens,
-                        wall_s=state.train_time_s,
-                    )
-                )
+                loss = run.train_step()
                 if state.step % config.train.eval_every == 0 or state.step == total:
-                    val_loss = log_eval()
+                    run.evaluate()
                 if state.step % config.train.checkpoint_every == 0 or state.step == total:
-                    save()
+                    run.save()
                     saved_at = state.step
-                progress.update(
-                    state.step,
-                    {
-                        "loss": f"{loss_value:.3f}",
-                        "tok/s": f"{state.tokens / max(state.train_time_s, 1e-9):.0f}",
-                        "depth": str(state.depth),
-                        "flops": f"{state.flops:.2e}",
-                    },
-                )
+                tokens_per_s = state.tokens / max(state.train_time_s, 1e-9)
+                fields = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:.0f}", "depth": str(state.depth)}
+                progress.update(state.step, {**fields, "flops": f"{state.flops:.2e}"})
             if saved_at != state.step:
-                save()
+                run.save()
         finally:
             progress.close()
             log.close()
 
-    finished = state.step == total
-    if finished:
+    if state.step == total:
         summary = {
-            "final_val_loss": val_loss if val_loss is not None else _last_val_loss(out_dir / LOG_NAME),
+            "final_val_loss": state.last_val_loss,
             **state.state_dict(),
             "depths": list(plan.depths),
             "growth_steps": list(plan.steps),
         }
         (out_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
-        return RunResult(out_dir, state, summary["final_val_loss"], True)
+        return RunResult(out_dir, state, state.last_val_loss, True)
     if stop.requested:
-        print(
-            f"{label}: interrupted at step {state.step}; checkpoint saved. "
-            f"Resume with: depthgrow train --resume {out_dir}",
-            file=sys.stderr,
-        )
+        hint = resume_hint or f"depthgrow train --resume {out_dir}"
+        print(f"{label}: interrupted at step {state.step}; checkpoint saved. Resume with: {hint}", file=sys.stderr)
     return RunResult(out_dir, state, None, False)
 
 
-def _expand(
-    model: nn.Module,
-    optimizer: OptimizerChain,
-    plan: GrowthPlan,
-    state: TrainState,
-    config: RunConfig,
-    log_eval: Any,
-    log: JsonlLog,
-) -> tuple[nn.Module, OptimizerChain]:
-    before = log_eval("pre_growth")
-    started = time.perf_counter()
-    source_depth, target_depth = state.depth, plan.depth_at(state.step)
-    model, optimizer, _ = grow(
-        model,
-        optimizer,
-        target_depth,
-        config.growth.init,
-        seed=config.train.seed,
-        copy_optimizer_state=config.growth.copy_optimizer_state,
+def run_or_reuse(
+    config: RunConfig, *, label: str, overwrite: bool = False, resume_hint: str | None = None
+) -> dict[str, Any] | None:
+    """The summary of ``config``'s run in its ``out_dir``: reused when a finished run of the same config is
+    there, resumed when a started one is, trained otherwise. A run of another config is replaced only
+    with ``overwrite``. None when stopped by Ctrl-C."""
+    out_dir = Path(config.train.out_dir)
+    saved_config = out_dir / CONFIG_NAME
+    same = saved_config.exists() and not config_differences(
+        config.to_dict(), RunConfig.from_dict(read_toml(saved_config)).to_dict(), ignore=RESUME_FREE_KEYS
     )
-    seconds = time.perf_counter() - started
-    state.growth_time_s += seconds
-    state.depth = target_depth
-    after = log_eval("post_growth")
-    log.write(
-        dict(
-            event="growth",
-            step=state.step,
-            from_depth=source_depth,
-            to_depth=target_depth,
-            init=config.growth.init,
-            seconds=seconds,
-            val_loss_before=before,
-            val_loss_after=after,
-        )
-    )
-    return model, optimizer
-
-
-def _last_val_loss(log_path: Path) -> float | None:
-    evals = [r for r in read_log(log_path) if r["event"] == "eval"]
-    return evals[-1]["val_loss"] if evals else None
+    started = (out_dir / CHECKPOINT_NAME).exists()
+    if same and (out_dir / SUMMARY_NAME).exists():
+        print(f"{label}: reusing the finished run in {out_dir}")
+        return json.loads((out_dir / SUMMARY_NAME).read_text())
+    if started and not same and not overwrite:
+        raise DepthgrowError(f"{out_dir} holds a run of another config; pass --overwrite to replace it")
+    result = train(config, resume=same and started, overwrite=True, label=label, resume_hint=resume_hint)
+    return json.loads((out_dir / SUMMARY_NAME).read_text()) if result.finished else None

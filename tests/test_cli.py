@@ -68,6 +68,11 @@ BAD_INPUTS = {
     "bad number": (["--train.steps=many"], "train.steps must be an integer"),
     "missing data": (["--data", "/nonexistent/corpus.txt"], "does not exist"),
     "missing config": (["/nonexistent/run.toml"], "config file /nonexistent/run.toml does not exist"),
+    "not a number": (["--optim.lr=nan"], "optim.lr must be a finite number > 0"),
+    "negative seed": (["--train.seed=-1"], "train.seed must be >= 0"),
+    "bad eps": (["--optim.eps=0"], "optim.eps must be a finite number > 0"),
+    "no such gpu": (["--train.device=cuda:7"], "CUDA device"),
+    "stop before start": (["--stop-at", "0"], "--stop-at must be in (0, 40]"),
 }
 
 
@@ -98,6 +103,19 @@ def test_bad_data_gets_one_line(tmp_path, capsys, content, message):
     assert message in err and err.count("\n") == 1
 
 
+def test_an_output_folder_that_cannot_be_written_gets_one_line(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    assert main(["train", *TINY, "--out", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the run folder" in err and err.count("\n") == 1
+
+
+def test_flops_of_a_one_layer_target_shows_only_the_zero_layer_source(capsys):
+    assert main(["flops", "--model", "gpt2-tiny", "--model.n_layer=1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if " -> " in line]
+    assert len(rows) == 2 and all("0 -> 1" in row for row in rows)
+
+
 def test_unreadable_config_and_foreign_checkpoint_get_one_line(tmp_path, capsys):
     broken = tmp_path / "broken.toml"
     broken.write_text("[train\nsteps = 3")
@@ -114,7 +132,8 @@ def test_unreadable_config_and_foreign_checkpoint_get_one_line(tmp_path, capsys)
     assert "is unreadable" in capsys.readouterr().err
 
 
-def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, sig):
     out = tmp_path / "run"
     args = ["train", "--model", "gpt2-test", "--train.steps=100000", "--train.batch_size=2", "--out", str(out)]
     process = subprocess.Popen(
@@ -124,7 +143,7 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (log.exists() and log.stat().st_size > 20_000):
         time.sleep(0.1)
-    os.kill(process.pid, signal.SIGINT)
+    os.kill(process.pid, sig)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
     assert f"Resume with: depthgrow train --resume {out}" in err
@@ -157,9 +176,22 @@ def test_compare_writes_table_summary_and_plot_and_reuses_finished_runs(tmp_path
     assert grow0["compute_fraction"] < grow1["compute_fraction"]
     assert (out / "compare.png").stat().st_size > 10_000
     assert "| grow0 | 0 | random |" in printed and (out / "summary.md").read_text().strip() in printed
+    assert fixed["mixing_steps"] is None
+    assert all(r["mixing_steps"] is None or 0 <= r["mixing_steps"] <= 20 for r in (grow0, grow1))
     assert main(args) == 0
     assert capsys.readouterr().out.count("reusing the finished run") == 3
     assert json.loads((out / "summary.json").read_text()) == rows
+    assert main([*args, "--mix-tolerance", "10"]) == 0  # within 1000 %: mixed at the expansion itself
+    assert [r["mixing_steps"] for r in json.loads((out / "summary.json").read_text())] == [None, 0, 0]
+    capsys.readouterr()
+    # another init changes the progressive runs only: they are refused without --overwrite, and with it
+    # replaced while the baseline is reused
+    assert main([*args[:-3], "--growth.init=zero", "--out", str(out)]) == 2
+    assert "holds a run of another config" in capsys.readouterr().err
+    assert main([*args[:-3], "--growth.init=zero", "--out", str(out), "--overwrite"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("reusing the finished run") == 1 and "fixed: reusing" in printed
+    assert [r["init"] for r in json.loads((out / "summary.json").read_text())] == [None, "zero", "zero"]
 
 
 def test_the_package_imports_without_optional_extras():

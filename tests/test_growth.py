@@ -192,7 +192,7 @@ def test_growth_keeps_the_learning_rate_position():
     model, optimizer = trained(0, depthgrow_muon_nsgd)
     optimizer.set_lr_multiplier(0.25)
     grown = grow(model, optimizer, 4, "random", seed=SEED)
-    assert {group["role"] for group in grown.optimizer.param_groups} == {"matrix", "other"}
+    assert {group["role"] for group in grown.optimizer.param_groups} == {"matrix", "other", "other_no_decay"}
     for group in grown.optimizer.param_groups:
         assert group["lr"] == pytest.approx(0.25 * 2e-2)
 
@@ -217,3 +217,13 @@ def test_bad_growth_requests_are_refused():
         grow(model, optimizer, 2, "random")
     with pytest.raises(ValueError, match="unknown init"):
         grow(model, optimizer, 4, "clone")
+
+
+def test_a_chain_without_a_recipe_comes_back_as_a_chain():
+    from depthgrow.optim import OptimizerChain
+
+    model, _ = trained(1, depthgrow_adamw, steps=0)
+    chain = OptimizerChain([torch_adamw(model)])
+    grown = grow(model, chain, 3, "copy", seed=SEED)
+    assert isinstance(grown.optimizer, OptimizerChain)
+    check_coverage(grown.model, grown.optimizer)

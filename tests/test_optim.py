@@ -35,8 +35,10 @@ def test_muon_nsgd_puts_hidden_matrices_in_muon_and_the_rest_in_normalized_sgd()
     assert hidden_matrix_names(model) == expected
     assert names_in(optimizer, model, "matrix") == expected
     assert "transformer.wte.weight" in names_in(optimizer, model, "other")
+    assert "transformer.ln_f.weight" in names_in(optimizer, model, "other_no_decay")
     assert {group["lr"] for group in optimizer.param_groups} == {0.02}
-    assert {group["weight_decay"] for group in optimizer.param_groups} == {0.01}
+    decay = {group["role"]: group["weight_decay"] for group in optimizer.param_groups}
+    assert decay == {"matrix": 0.01, "other": 0.01, "other_no_decay": 0.0}
 
 
 def test_zero_layer_muon_nsgd_has_no_muon():
@@ -49,7 +51,7 @@ def test_learning_rate_multiplier_scales_every_group_from_its_peak():
     model = build_model(CONFIG, seed=0)
     optimizer = build_optimizer(model, OptimConfig(name="muon-nsgd", lr=0.04))
     optimizer.set_lr_multiplier(0.5)
-    assert [group["lr"] for group in optimizer.param_groups] == [0.02, 0.02]
+    assert [group["lr"] for group in optimizer.param_groups] == [0.02, 0.02, 0.02]
 
 
 def test_normalized_sgd_takes_steps_of_length_lr():

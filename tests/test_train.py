@@ -8,7 +8,6 @@ from depthgrow import DepthgrowError, load_config, train
 from depthgrow.checkpoint import load_checkpoint
 from depthgrow.flops import DEPTHGROW, plan_flops
 from depthgrow.metrics import read_log
-from depthgrow.train import plan_of
 
 TINY = {
     "model.preset": "gpt2-test",
@@ -78,7 +77,7 @@ def test_log_holds_every_step_the_evaluations_around_growth_and_cumulative_flops
     (growth,) = records(run, "growth")
     assert (growth["step"], growth["from_depth"], growth["to_depth"], growth["init"]) == (20, 1, 2, "copy")
     config = load_config(run / "config.toml")
-    expected = plan_flops(config.model, plan_of(config), total_steps=40, tokens_per_step=4 * 32, counting=DEPTHGROW)
+    expected = plan_flops(config.model, config.plan(), total_steps=40, tokens_per_step=4 * 32, counting=DEPTHGROW)
     assert train_records[-1]["flops"] == pytest.approx(expected)
     assert train_records[-1]["tokens"] == 40 * 4 * 32
     lrs = [r["lr"] for r in train_records]
@@ -127,3 +126,50 @@ def test_resume_without_a_checkpoint_says_so(tmp_path):
 def test_model_vocabulary_smaller_than_the_tokenizer_is_refused(tmp_path):
     with pytest.raises(DepthgrowError, match="vocab_size"):
         train(tiny(tmp_path, "run", model__vocab_size="100"))
+
+
+def test_overwrite_removes_the_old_checkpoint_before_anything_else(tmp_path):
+    from depthgrow.train import _prepare_out_dir
+
+    config = tiny(tmp_path, "run")
+    train(config, stop_at=40)
+    _prepare_out_dir(config, resume=False, overwrite=True)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "run" / "summary.json").exists()
+    with pytest.raises(DepthgrowError, match="no checkpoint"):
+        train(config, resume=True)  # a kill right after --overwrite must not resume the old run
+
+
+def test_a_log_shorter_than_the_checkpoint_expects_is_refused(tmp_path):
+    config = tiny(tmp_path, "run")
+    train(config, stop_at=12)
+    (tmp_path / "run" / "log.jsonl").unlink()
+    with pytest.raises(DepthgrowError, match="cannot be resumed"):
+        train(config, resume=True)
+
+
+def test_a_diverging_run_stops_with_an_error_and_keeps_its_checkpoint(tmp_path):
+    with pytest.raises(DepthgrowError, match="loss became nan at step 1"):
+        train(tiny(tmp_path, "run", model__init_std="1e30"))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_stop_at_must_lie_ahead(tmp_path):
+    config = tiny(tmp_path, "run")
+    with pytest.raises(DepthgrowError, match="stop-at"):
+        train(config, stop_at=0)
+    train(config, stop_at=10)
+    with pytest.raises(DepthgrowError, match=r"\(10, 40\]"):
+        train(config, resume=True, stop_at=10)
+
+
+def test_a_checkpoint_before_the_first_step_holds_no_optimizer_state(tmp_path):
+    from depthgrow import build_model, build_optimizer
+    from depthgrow.checkpoint import restore_training_state, training_state
+
+    config = tiny(tmp_path, "run", optim__name="muon-nsgd")
+    model = build_model(config.model, seed=0)
+    optimizer = build_optimizer(model, config.optim)
+    payload = training_state(model, optimizer)
+    assert payload["optimizer"] is None and all(not opt.state for opt in optimizer.optimizers)
+    restore_training_state(model, optimizer, payload)
+    assert all(not opt.state for opt in optimizer.optimizers)

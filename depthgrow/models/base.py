@@ -51,13 +51,17 @@ class GrowableModel(Protocol):
         ...
 
     def init_block(self, stack: str, index: int, block: nn.Module, seed: int) -> None:
-        """Initialise ``block`` as slot ``index`` of a fresh model of depth ``config.n_layer`` would be."""
+        """Initialise ``block`` as slot ``index`` of ``stack`` in a fresh model of depth ``config.n_layer``
+        would be, drawing from a generator derived from (seed, stack, index) only."""
         ...
 
     def residual_projections(self, block: nn.Module) -> list[nn.Module]:
         """The modules whose outputs the block adds to the residual stream."""
         ...
 
-    def init_weights(self, seed: int) -> None: ...
+    def init_weights(self, seed: int) -> None:
+        """Set every parameter and buffer: the model is built on the meta device and allocated with
+        ``to_empty``, so nothing holds a meaningful value before this."""
+        ...
 
     def forward(self, x: torch.Tensor) -> torch.Tensor: ...

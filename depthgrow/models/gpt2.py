@@ -10,6 +10,7 @@ separate ``lm_head.weight`` entry for the tied head.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -45,8 +46,8 @@ class GPT2Config(ModelConfig):
             found.append(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             found.append(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.init_std <= 0:
-            found.append(f"model.init_std must be > 0, got {self.init_std}")
+        if not (math.isfinite(self.init_std) and self.init_std > 0):
+            found.append(f"model.init_std must be a finite number > 0, got {self.init_std}")
         return found
 
     def block_params(self) -> int:
@@ -163,15 +164,18 @@ class GPT2(nn.Module):
         return {self.STACK: self.transformer.h}
 
     def make_block(self, stack: str) -> nn.Module:
+        # built on the meta device: no memory or random draws for values init_block overwrites
+        with torch.device("meta"):
+            block = Block(self.config)
         reference = self.transformer.wte.weight
-        return Block(self.config).to(device=reference.device, dtype=reference.dtype)
+        return block.to_empty(device=reference.device).to(dtype=reference.dtype)
 
     def residual_projections(self, block: nn.Module) -> list[nn.Module]:
         return [block.attn.c_proj, block.mlp.c_proj]
 
     @torch.no_grad()
     def init_block(self, stack: str, index: int, block: nn.Module, seed: int) -> None:
-        generator = derived_generator(seed, _BLOCK_STREAM, index)
+        generator = derived_generator(seed, _BLOCK_STREAM, zlib.crc32(stack.encode()), index)
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * self.config.n_layer)
         residual = {id(m) for m in self.residual_projections(block)}
