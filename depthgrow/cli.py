@@ -82,11 +82,15 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 def cmd_compare(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from depthgrow.compare import compare
 
-    if not 0.0 <= args.mix_tolerance < float("inf"):
-        raise DepthgrowError(f"--mix-tolerance must be a finite fraction >= 0, got {args.mix_tolerance}")
+    _check_mix_tolerance(args.mix_tolerance)
     config = _config(args, overrides, default_out="runs/compare")
     compare(config, sources=args.sources, overwrite=args.overwrite, mix_tolerance=args.mix_tolerance)
     return 0
+
+
+def _check_mix_tolerance(tolerance: float) -> None:
+    if not 0.0 <= tolerance < float("inf"):
+        raise DepthgrowError(f"--mix-tolerance must be a finite fraction >= 0, got {tolerance}")
 
 
 def cmd_flops(args: argparse.Namespace, overrides: dict[str, str]) -> int:
@@ -126,10 +130,22 @@ def cmd_flops(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from depthgrow.experiments import EXPERIMENTS, run_experiment
+
+    _check_mix_tolerance(args.mix_tolerance)
+    base = _config(args, overrides)
+    names = list(EXPERIMENTS) if args.name == "all" else [args.name]
+    for name in names:
+        run_experiment(name, base, out=args.out or "results", full=args.full, mix_tolerance=args.mix_tolerance)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, str]], int]] = {
     "train": cmd_train,
     "compare": cmd_compare,
     "flops": cmd_flops,
+    "experiment": cmd_experiment,
 }
 
 
@@ -188,7 +204,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     command("flops", "print parameters, FLOPs, compute fraction and speedup of a growth plan")
+
+    from depthgrow.experiments import EXPERIMENTS
+
+    experiment_parser = commands.add_parser(
+        "experiment",
+        help="run one of the paper's ablations (or all) and write its table and plot",
+        description="Run an ablation: " + "; ".join(f"{e.name}: {e.question}" for e in EXPERIMENTS.values()),
+        allow_abbrev=False,
+    )
+    experiment_parser.add_argument("name", choices=[*EXPERIMENTS, "all"], help="the experiment")
+    experiment_parser.add_argument("config", nargs="?", help="a TOML base config (default: the compare recipe)")
+    experiment_parser.add_argument("--model", help="model preset of the base recipe")
+    experiment_parser.add_argument("--data", help="data of the base recipe")
+    experiment_parser.add_argument("--out", help="results folder (default: results)")
+    experiment_parser.add_argument("--full", action="store_true", help="the larger grid, closer to the paper's")
+    _mix_tolerance_option(experiment_parser)
     return parser
+
+
+def _mix_tolerance_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mix-tolerance",
+        type=float,
+        default=DEFAULT_MIX_TOLERANCE,
+        metavar="FRACTION",
+        help="a progressive run has mixed once its validation loss is within this fraction of the "
+        f"baseline's at the same step (default {DEFAULT_MIX_TOLERANCE})",
+    )
 
 
 def _depth_list(text: str) -> list[int]:

@@ -118,6 +118,10 @@ class RunConfig:
             total_steps=self.train.steps,
         )
 
+    def with_overrides(self, overrides: dict[str, str]) -> RunConfig:
+        """This config with dotted ``overrides`` applied (as on the command line), validated."""
+        return _resolved(RunConfig.from_dict(_with_overrides(self.to_dict(), overrides)))
+
     def validate(self) -> RunConfig:
         found = self.problems()
         if found:
@@ -127,10 +131,12 @@ class RunConfig:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, str] | None = None) -> RunConfig:
     """The defaults, then the TOML file at ``path``, then the dotted ``overrides``; validated."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = read_toml(path)
-    overrides = overrides or {}
+    raw = read_toml(path) if path is not None else {}
+    return _resolved(RunConfig.from_dict(_with_overrides(raw, overrides or {})))
+
+
+def _with_overrides(raw: dict[str, Any], overrides: dict[str, str]) -> dict[str, Any]:
+    raw = dict(raw)
     if "model.preset" in overrides:
         # a new preset replaces the whole model section (a saved config lists every model field)
         raw["model"] = {}
@@ -143,7 +149,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | None
                 f"unknown config section {section!r} in --{key}; sections are: model, {', '.join(SECTIONS)}"
             )
         raw[section] = {**_table(raw, section), name.replace("-", "_"): value}
-    config = RunConfig.from_dict(raw).validate()
+    return raw
+
+
+def _resolved(config: RunConfig) -> RunConfig:
+    config.validate()
     if config.data.path is not None:
         # absolute, so that a resume or a compare rerun from another folder reads the same data
         absolute = str(Path(config.data.path).expanduser().resolve())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,63 @@ def plot_compare(logs: dict[str, list[dict[str, Any]]], path: str | Path, *, tit
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
     by_flops.set_xscale("log")
-    figure.suptitle(title)
+    return _save(figure, path, title)
+
+
+def plot_sweep(rows: list[dict[str, Any]], path: str | Path, *, title: str) -> Path:
+    """Final gap and mixing time against the expansion time, one line per series (e.g. schedule)."""
+    figure, (gap_axes, mix_axes) = plt.subplots(1, 2, figsize=(13, 5))
+    for index, series in enumerate(dict.fromkeys(r["series"] for r in rows)):
+        points = sorted((r["x"], r["gap_pct"], r["mixing_steps"]) for r in rows if r["series"] == series)
+        colour = f"C{index}"
+        gap_axes.plot([p[0] for p in points], [p[1] for p in points], "o-", color=colour, label=series)
+        mixed = [p for p in points if p[2] is not None]
+        mix_axes.plot([p[0] for p in mixed], [p[2] for p in mixed], "o-", color=colour, label=f"{series}: mixed")
+        never = [p[0] for p in points if p[2] is None]
+        if never:
+            mix_axes.scatter(never, [0] * len(never), marker="x", color=colour, s=60, label=f"{series}: never mixed")
+    gap_axes.axhline(0.0, color="black", linewidth=0.8)
+    gap_axes.set_ylabel("final validation loss gap to the fixed-depth run (%)")
+    mix_axes.set_ylabel("steps after the expansion until within tolerance")
+    for axes in (gap_axes, mix_axes):
+        axes.set_xlabel("expansion time (fraction of T)")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    return _save(figure, path, title)
+
+
+def plot_pareto(rows: list[dict[str, Any]], path: str | Path, *, title: str) -> Path:
+    """Final validation loss against compute fraction, coloured by series (source depth), with the
+    Pareto front of all points, the fixed-depth run included, drawn through them."""
+    from depthgrow.analysis import pareto_front
+
+    figure, axes = plt.subplots(figsize=(8, 6))
+    for index, series in enumerate(dict.fromkeys(r["series"] for r in rows)):
+        points = [r for r in rows if r["series"] == series]
+        axes.scatter(
+            [r["compute_fraction"] for r in points],
+            [r["final_val_loss"] for r in points],
+            color=f"C{index}",
+            label=series,
+        )
+        for r in points:
+            axes.annotate(f"{r['x']:g}", (r["compute_fraction"], r["final_val_loss"]), fontsize=7, xytext=(3, 3),
+                          textcoords="offset points")  # fmt: skip
+    baseline = min(r["baseline_val_loss"] for r in rows)
+    axes.scatter([1.0], [baseline], color="black", marker="s", label="fixed depth")
+    points = [(r["compute_fraction"], r["final_val_loss"]) for r in rows] + [(1.0, baseline)]
+    front = [points[i] for i in pareto_front(points)]
+    axes.plot([p[0] for p in front], [p[1] for p in front], "k--", linewidth=1, label="Pareto front")
+    axes.set_xlabel("training FLOPs (fraction of the fixed-depth run)")
+    axes.set_ylabel("final validation loss (nats/token)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    return _save(figure, path, title)
+
+
+def _save(figure: Any, path: str | Path, title: str) -> Path:
+    width_chars = int(figure.get_figwidth() * 11)
+    figure.suptitle("\n".join(textwrap.wrap(title, width_chars)), fontsize=11)
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=120)

@@ -1,0 +1,247 @@
+"""The paper's ablations as named, rerunnable experiments: ``depthgrow experiment NAME [--full]``.
+
+Each experiment is a list of variants of one base recipe. Every progressive variant is measured
+against the fixed-depth run of the same config (its growth section removed), so a variant that changes
+the schedule or the optimizer gets its own baseline. Runs live in a content-addressed store
+(``<out>/runs/<label>-<hash of the config>``): a run of the same config is trained once and reused by
+every experiment and rerun, and an interrupted experiment continues where it stopped.
+
+Each experiment writes ``<out>/<name>/``: ``table.md``, ``summary.json`` and ``plot.png``. The default
+grid is small enough for a 2-core CPU; ``--full`` is the grid closer to the paper's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from depthgrow.analysis import DEFAULT_MIX_TOLERANCE, eval_curve, last_growth_step, mixing_time
+from depthgrow.config import RunConfig
+from depthgrow.errors import DepthgrowError
+from depthgrow.growth import GrowthConfig
+from depthgrow.metrics import LOG_NAME, read_log
+from depthgrow.train import run_or_reuse
+
+PlotKind = Literal["curves", "sweep", "pareto"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    overrides: dict[str, str]  # applied over the experiment's base
+    series: str = ""  # the line it belongs to in a sweep or Pareto plot
+    x: float | None = None  # its coordinate in a sweep (the expansion time as a fraction of T)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    question: str  # the paper's claim under test
+    plot: PlotKind
+    variants: Callable[[bool], list[Variant]]  # full grid or not -> variants
+    base: Callable[[bool], dict[str, str]] = lambda full: {}  # overrides of the user's config
+
+
+def _growth(source: int, at: float, init: str = "random", **more: str) -> dict[str, str]:
+    return {"growth.source_depth": str(source), "growth.at": str(at), "growth.init": init, **more}
+
+
+def _init_variants(full: bool) -> list[Variant]:
+    one_layer = [Variant(f"1 -> L {init}", _growth(1, 0.8, init)) for init in ("random", "copy", "zero", "copy_zero")]
+    orders = ("copy", "copy_inter", "copy_last")
+    two_layers = [Variant(f"2 -> L {init}", _growth(2, 0.8, init)) for init in orders]
+    return one_layer + two_layers
+
+
+def _timing_variants(full: bool) -> list[Variant]:
+    taus = (0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9) if full else (0.2, 0.5, 0.8)
+    return [
+        Variant(f"{schedule} tau={tau}", {"schedule.name": schedule, **_growth(0, tau)}, series=schedule, x=tau)
+        for schedule in ("wsd", "cosine")
+        for tau in taus
+    ]
+
+
+def _stage_variants(full: bool) -> list[Variant]:
+    return [
+        Variant("0 -> 2 -> L", _growth(0, 0.4, **{"growth.via": "2"}) | {"growth.at": "0.4,0.8"}),
+        Variant("2 -> L", _growth(2, 0.8)),
+        Variant("0 -> L", _growth(0, 0.8)),
+    ]
+
+
+def _source_variants(full: bool) -> list[Variant]:
+    taus = (0.5, 0.6, 0.7, 0.8, 0.9) if full else (0.5, 0.8)
+    sources = (0, 1, 2, 4, 6) if full else (0, 1, 2, 4)
+    return [
+        Variant(f"{s} -> L tau={tau}", _growth(s, tau), series=f"source {s}", x=tau) for s in sources for tau in taus
+    ]
+
+
+def _optimizer_variants(full: bool) -> list[Variant]:
+    optimizers = {
+        "adamw": {"optim.name": "adamw", "optim.lr": "3e-3", "optim.weight_decay": "0.1"},
+        "muon-nsgd": {"optim.name": "muon-nsgd", "optim.lr": "0.02", "optim.weight_decay": "0.01"},
+    }
+    return [
+        Variant(f"{name} {source} -> L", {**optim, **_growth(source, 0.8)}, series=name)
+        for name, optim in optimizers.items()
+        for source in (0, 1)
+    ]
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    e.name: e
+    for e in (
+        Experiment(
+            "init",
+            "new-layer init from one layer: copy >= random >> zero, copy_zero; and the copy orders from two",
+            "curves",
+            _init_variants,
+        ),
+        Experiment(
+            "timing",
+            "under WSD an expansion at 0.8 T still mixes; under cosine one after ~0.5 T does not",
+            "sweep",
+            _timing_variants,
+        ),
+        Experiment("stages", "one expansion 0 -> L beats two, 0 -> 2 -> L", "curves", _stage_variants),
+        Experiment(
+            "sources",
+            "zero- and one-layer sources are on the loss-versus-compute Pareto front; deeper ones are not",
+            "pareto",
+            _source_variants,
+            base=lambda full: {"model.n_layer": "8"},
+        ),
+        Experiment("optimizer", "AdamW against Muon-NSGD, fixed and progressive", "curves", _optimizer_variants),
+    )
+}
+
+
+def config_hash(config: RunConfig) -> str:
+    identity = {**config.to_dict(), "train": {**dataclasses.asdict(config.train), "out_dir": None}}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _stored(config: RunConfig, store: Path, label: str) -> RunConfig:
+    slug = re.sub(r"[^A-Za-z0-9_.=]+", "-", label).strip("-")
+    out_dir = store / f"{slug}-{config_hash(config)}"
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, out_dir=str(out_dir)))
+
+
+def run_experiment(
+    name: str,
+    base: RunConfig,
+    *,
+    out: str | Path,
+    full: bool = False,
+    mix_tolerance: float = DEFAULT_MIX_TOLERANCE,
+) -> list[dict[str, Any]]:
+    """Train (or reuse) every run of experiment ``name`` and write its table, summary and plot."""
+    if name not in EXPERIMENTS:
+        raise DepthgrowError(f"unknown experiment {name!r}; choose one of: {', '.join(EXPERIMENTS)}")
+    experiment = EXPERIMENTS[name]
+    out = Path(out)
+    store = out / "runs"
+    base = base.with_overrides(experiment.base(full))
+    rows, logs = [], {}
+    for variant in experiment.variants(full):
+        config = _stored(base.with_overrides(variant.overrides), store, variant.label)
+        baseline = _stored(dataclasses.replace(config, growth=GrowthConfig()), store, "fixed")
+        summaries = {}
+        for label, run in (("baseline", baseline), (variant.label, config)):
+            summary = run_or_reuse(run, label=label, resume_hint=f"the same depthgrow experiment {name} command")
+            if summary is None:
+                raise KeyboardInterrupt
+            summaries[label] = summary
+        run_log = read_log(Path(config.train.out_dir) / LOG_NAME)
+        baseline_log = read_log(Path(baseline.train.out_dir) / LOG_NAME)
+        logs[variant.label] = run_log
+        logs.setdefault(f"fixed {variant.series}".strip(), baseline_log)  # one baseline per series
+        rows.append(
+            _row(variant, config, summaries[variant.label], summaries["baseline"], run_log, baseline_log, mix_tolerance)
+        )
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    table = f"# {name}: {experiment.question}\n\n{format_rows(rows)}\n"
+    (folder / "table.md").write_text(table)
+    print(table)
+    try:
+        from depthgrow import plot
+    except ImportError:
+        print("no plot written: matplotlib is missing (pip install 'depthgrow[plot]')")
+    else:
+        title = f"{name}: {experiment.question}"
+        if experiment.plot == "sweep":
+            plot.plot_sweep(rows, folder / "plot.png", title=title)
+        elif experiment.plot == "pareto":
+            plot.plot_pareto(rows, folder / "plot.png", title=title)
+        else:
+            plot.plot_compare(logs, folder / "plot.png", title=title)
+        print(f"plot: {folder / 'plot.png'}")
+    return rows
+
+
+def _row(
+    variant: Variant,
+    config: RunConfig,
+    summary: dict[str, Any],
+    baseline: dict[str, Any],
+    run_log: list[dict[str, Any]],
+    baseline_log: list[dict[str, Any]],
+    mix_tolerance: float,
+) -> dict[str, Any]:
+    growth_step = last_growth_step(run_log)
+    mixing = None
+    if growth_step is not None:
+        mixing = mixing_time(eval_curve(run_log), eval_curve(baseline_log), growth_step, mix_tolerance)
+    wall = summary["train_time_s"] + summary["growth_time_s"]
+    return {
+        "label": variant.label,
+        "series": variant.series,
+        "x": variant.x,
+        "source_depth": config.growth.source_depth,
+        "init": config.growth.init,
+        "schedule": config.schedule.name,
+        "optimizer": config.optim.name,
+        "growth_steps": summary["growth_steps"],
+        "final_val_loss": summary["final_val_loss"],
+        "baseline_val_loss": baseline["final_val_loss"],
+        "gap_pct": 100.0 * (summary["final_val_loss"] / baseline["final_val_loss"] - 1.0),
+        "mixing_steps": mixing,
+        "flops": summary["flops"],
+        "compute_fraction": summary["flops"] / baseline["flops"],
+        "wall_fraction": wall / (baseline["train_time_s"] + baseline["growth_time_s"]),
+        "run_dir": config.train.out_dir,
+    }
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    header = [
+        "variant", "schedule", "optimizer", "grows at step", "final val loss", "baseline", "gap %",
+        "mixed after", "compute fraction", "wall fraction",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        mixed = "never" if row["mixing_steps"] is None else f"{row['mixing_steps']} steps"
+        cells = [
+            row["label"],
+            row["schedule"],
+            row["optimizer"],
+            ", ".join(map(str, row["growth_steps"])),
+            f"{row['final_val_loss']:.4f}",
+            f"{row['baseline_val_loss']:.4f}",
+            f"{row['gap_pct']:+.2f}",
+            mixed,
+            f"{row['compute_fraction']:.1%}",
+            f"{row['wall_fraction']:.1%}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+import json
+
+import pytest
+
+from depthgrow import load_config
+from depthgrow.cli import main
+from depthgrow.experiments import EXPERIMENTS, config_hash
+
+TINY = [
+    "--model", "gpt2-test", "--model.n_layer=4", "--train.steps=40", "--train.batch_size=4",
+    "--train.eval_every=10", "--train.eval_batches=2",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["default", "full"])
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_every_variant_of_every_grid_is_a_valid_config(name, full):
+    experiment = EXPERIMENTS[name]
+    base = load_config().with_overrides(experiment.base(full))
+    variants = experiment.variants(full)
+    assert len({v.label for v in variants}) == len(variants)
+    configs = [base.with_overrides(v.overrides) for v in variants]
+    assert all(c.growth.source_depth is not None for c in configs)
+    assert len({config_hash(c) for c in configs}) == len(configs), "two variants train the same run"
+
+
+def test_the_grids_cover_the_paper_ablations():
+    labels = {name: [v.label for v in EXPERIMENTS[name].variants(True)] for name in EXPERIMENTS}
+    assert {"1 -> L random", "1 -> L copy", "1 -> L zero", "1 -> L copy_zero"} <= set(labels["init"])
+    assert {"2 -> L copy", "2 -> L copy_inter", "2 -> L copy_last"} <= set(labels["init"])
+    taus = {v.x for v in EXPERIMENTS["timing"].variants(True)}
+    assert taus == {0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9}
+    assert {v.series for v in EXPERIMENTS["timing"].variants(True)} == {"wsd", "cosine"}
+    assert {"0 -> 2 -> L", "2 -> L", "0 -> L"} == set(labels["stages"])
+    assert {0, 1, 2, 4} <= {int(v.series.split()[1]) for v in EXPERIMENTS["sources"].variants(False)}
+
+
+def test_config_hash_ignores_the_output_folder_only():
+    config = load_config()
+    moved = config.with_overrides({"train.out_dir": "elsewhere"})
+    assert config_hash(moved) == config_hash(config)
+    assert config_hash(config.with_overrides({"train.seed": "1"})) != config_hash(config)
+
+
+@pytest.mark.parametrize("name", ["init", "timing", "sources"])
+def test_an_experiment_runs_end_to_end_on_a_tiny_grid(tmp_path, capsys, name):
+    out = tmp_path / "results"
+    assert main(["experiment", name, *TINY, "--out", str(out)]) == 0
+    rows = json.loads((out / name / "summary.json").read_text())
+    assert len(rows) == len(EXPERIMENTS[name].variants(False))
+    for row in rows:
+        assert row["gap_pct"] == pytest.approx(100 * (row["final_val_loss"] / row["baseline_val_loss"] - 1))
+        assert 0 < row["compute_fraction"] < 1
+    assert (out / name / "plot.png").stat().st_size > 10_000
+    table = (out / name / "table.md").read_text()
+    assert table.count("\n| ") == len(rows) + 1
+    if name == "timing":  # one baseline per schedule, shared by its variants
+        assert len({r["baseline_val_loss"] for r in rows}) == 2
+    capsys.readouterr()
+    assert main(["experiment", name, *TINY, "--out", str(out)]) == 0  # a rerun trains nothing
+    assert "step 40/40" not in capsys.readouterr().err
+    assert json.loads((out / name / "summary.json").read_text()) == rows
+
+
+def test_an_unknown_experiment_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["experiment", "nonsense"])
+    assert "invalid choice" in capsys.readouterr().err
