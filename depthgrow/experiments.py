@@ -28,7 +28,7 @@ from depthgrow.growth import GrowthConfig
 from depthgrow.metrics import LOG_NAME, read_log
 from depthgrow.train import run_or_reuse
 
-PlotKind = Literal["curves", "sweep", "pareto"]
+PlotKind = Literal["curves", "sweep", "pareto", "lr"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Experiment:
     name: str
     question: str  # the paper's claim under test
     plot: PlotKind
-    variants: Callable[[bool], list[Variant]]  # full grid or not -> variants
+    variants: Callable[[bool, RunConfig], list[Variant]]  # (full grid or not, base config) -> variants
     base: Callable[[bool], dict[str, str]] = lambda full: {}  # overrides of the user's config
 
 
@@ -52,14 +52,14 @@ def _growth(source: int, at: float, init: str = "random", **more: str) -> dict[s
     return {"growth.source_depth": str(source), "growth.at": str(at), "growth.init": init, **more}
 
 
-def _init_variants(full: bool) -> list[Variant]:
+def _init_variants(full: bool, base: RunConfig) -> list[Variant]:
     one_layer = [Variant(f"1 -> L {init}", _growth(1, 0.8, init)) for init in ("random", "copy", "zero", "copy_zero")]
     orders = ("copy", "copy_inter", "copy_last")
     two_layers = [Variant(f"2 -> L {init}", _growth(2, 0.8, init)) for init in orders]
     return one_layer + two_layers
 
 
-def _timing_variants(full: bool) -> list[Variant]:
+def _timing_variants(full: bool, base: RunConfig) -> list[Variant]:
     taus = (0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9) if full else (0.2, 0.5, 0.8)
     return [
         Variant(f"{schedule} tau={tau}", {"schedule.name": schedule, **_growth(0, tau)}, series=schedule, x=tau)
@@ -68,7 +68,7 @@ def _timing_variants(full: bool) -> list[Variant]:
     ]
 
 
-def _stage_variants(full: bool) -> list[Variant]:
+def _stage_variants(full: bool, base: RunConfig) -> list[Variant]:
     return [
         Variant("0 -> 2 -> L", _growth(0, 0.4, **{"growth.via": "2"}) | {"growth.at": "0.4,0.8"}),
         Variant("2 -> L", _growth(2, 0.8)),
@@ -76,7 +76,7 @@ def _stage_variants(full: bool) -> list[Variant]:
     ]
 
 
-def _source_variants(full: bool) -> list[Variant]:
+def _source_variants(full: bool, base: RunConfig) -> list[Variant]:
     taus = (0.5, 0.6, 0.7, 0.8, 0.9) if full else (0.5, 0.8)
     sources = (0, 1, 2, 4, 6) if full else (0, 1, 2, 4)
     return [
@@ -84,7 +84,7 @@ def _source_variants(full: bool) -> list[Variant]:
     ]
 
 
-def _optimizer_variants(full: bool) -> list[Variant]:
+def _optimizer_variants(full: bool, base: RunConfig) -> list[Variant]:
     optimizers = {
         "adamw": {"optim.name": "adamw", "optim.lr": "3e-3", "optim.weight_decay": "0.1"},
         "muon-nsgd": {"optim.name": "muon-nsgd", "optim.lr": "0.02", "optim.weight_decay": "0.01"},
@@ -93,6 +93,21 @@ def _optimizer_variants(full: bool) -> list[Variant]:
         Variant(f"{name} {source} -> L", {**optim, **_growth(source, 0.8)}, series=name)
         for name, optim in optimizers.items()
         for source in (0, 1)
+    ]
+
+
+def _lr_variants(full: bool, base: RunConfig) -> list[Variant]:
+    """Peak learning rates around the recipe's, for the fixed-depth baseline and the progressive runs."""
+    factors = (0.25, 0.5, 1.0, 2.0, 4.0) if full else (0.5, 1.0, 2.0)
+    return [
+        Variant(
+            f"{source} -> L lr x{factor:g}",
+            {**_growth(source, 0.8), "optim.lr": f"{base.optim.lr * factor:g}"},
+            series=f"source {source}",
+            x=base.optim.lr * factor,
+        )
+        for source in (0, 1)
+        for factor in factors
     ]
 
 
@@ -120,6 +135,12 @@ EXPERIMENTS: dict[str, Experiment] = {
             base=lambda full: {"model.n_layer": "8"},
         ),
         Experiment("optimizer", "AdamW against Muon-NSGD, fixed and progressive", "curves", _optimizer_variants),
+        Experiment(
+            "lr",
+            "the peak learning rate, swept for the fixed-depth baseline and the progressive runs alike",
+            "lr",
+            _lr_variants,
+        ),
     )
 }
 
@@ -151,7 +172,7 @@ def run_experiment(
     store = out / "runs"
     base = base.with_overrides(experiment.base(full))
     rows, logs = [], {}
-    for variant in experiment.variants(full):
+    for variant in experiment.variants(full, base):
         config = _stored(base.with_overrides(variant.overrides), store, variant.label)
         baseline = _stored(dataclasses.replace(config, growth=GrowthConfig()), store, "fixed")
         summaries = {}
@@ -181,6 +202,8 @@ def run_experiment(
         title = f"{name}: {experiment.question}"
         if experiment.plot == "sweep":
             plot.plot_sweep(rows, folder / "plot.png", title=title)
+        elif experiment.plot == "lr":
+            plot.plot_lr(rows, folder / "plot.png", title=title)
         elif experiment.plot == "pareto":
             plot.plot_pareto(rows, folder / "plot.png", title=title)
         else:

@@ -94,3 +94,19 @@ def _save(figure: Any, path: str | Path, title: str) -> Path:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def plot_lr(rows: list[dict[str, Any]], path: str | Path, *, title: str) -> Path:
+    """Final validation loss against the peak learning rate: the fixed-depth baseline and each series."""
+    figure, axes = plt.subplots(figsize=(8, 5.5))
+    baseline = sorted({(r["x"], r["baseline_val_loss"]) for r in rows})
+    axes.plot([p[0] for p in baseline], [p[1] for p in baseline], "s-", color="black", label="fixed depth")
+    for index, series in enumerate(dict.fromkeys(r["series"] for r in rows)):
+        points = sorted((r["x"], r["final_val_loss"]) for r in rows if r["series"] == series)
+        axes.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{index}", label=series)
+    axes.set_xscale("log")
+    axes.set_xlabel("peak learning rate")
+    axes.set_ylabel("final validation loss (nats/token)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    return _save(figure, path, title)

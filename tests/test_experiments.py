@@ -17,7 +17,7 @@ TINY = [
 def test_every_variant_of_every_grid_is_a_valid_config(name, full):
     experiment = EXPERIMENTS[name]
     base = load_config().with_overrides(experiment.base(full))
-    variants = experiment.variants(full)
+    variants = experiment.variants(full, base)
     assert len({v.label for v in variants}) == len(variants)
     configs = [base.with_overrides(v.overrides) for v in variants]
     assert all(c.growth.source_depth is not None for c in configs)
@@ -25,14 +25,15 @@ def test_every_variant_of_every_grid_is_a_valid_config(name, full):
 
 
 def test_the_grids_cover_the_paper_ablations():
-    labels = {name: [v.label for v in EXPERIMENTS[name].variants(True)] for name in EXPERIMENTS}
+    base = load_config()
+    labels = {name: [v.label for v in EXPERIMENTS[name].variants(True, base)] for name in EXPERIMENTS}
     assert {"1 -> L random", "1 -> L copy", "1 -> L zero", "1 -> L copy_zero"} <= set(labels["init"])
     assert {"2 -> L copy", "2 -> L copy_inter", "2 -> L copy_last"} <= set(labels["init"])
-    taus = {v.x for v in EXPERIMENTS["timing"].variants(True)}
+    taus = {v.x for v in EXPERIMENTS["timing"].variants(True, base)}
     assert taus == {0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9}
-    assert {v.series for v in EXPERIMENTS["timing"].variants(True)} == {"wsd", "cosine"}
+    assert {v.series for v in EXPERIMENTS["timing"].variants(True, base)} == {"wsd", "cosine"}
     assert {"0 -> 2 -> L", "2 -> L", "0 -> L"} == set(labels["stages"])
-    assert {0, 1, 2, 4} <= {int(v.series.split()[1]) for v in EXPERIMENTS["sources"].variants(False)}
+    assert {0, 1, 2, 4} <= {int(v.series.split()[1]) for v in EXPERIMENTS["sources"].variants(False, base)}
 
 
 def test_config_hash_ignores_the_output_folder_only():
@@ -42,12 +43,12 @@ def test_config_hash_ignores_the_output_folder_only():
     assert config_hash(config.with_overrides({"train.seed": "1"})) != config_hash(config)
 
 
-@pytest.mark.parametrize("name", ["init", "timing", "sources"])
+@pytest.mark.parametrize("name", ["init", "timing", "sources", "lr"])
 def test_an_experiment_runs_end_to_end_on_a_tiny_grid(tmp_path, capsys, name):
     out = tmp_path / "results"
     assert main(["experiment", name, *TINY, "--out", str(out)]) == 0
     rows = json.loads((out / name / "summary.json").read_text())
-    assert len(rows) == len(EXPERIMENTS[name].variants(False))
+    assert len(rows) == len(EXPERIMENTS[name].variants(False, load_config()))
     for row in rows:
         assert row["gap_pct"] == pytest.approx(100 * (row["final_val_loss"] / row["baseline_val_loss"] - 1))
         assert 0 < row["compute_fraction"] < 1
@@ -56,6 +57,9 @@ def test_an_experiment_runs_end_to_end_on_a_tiny_grid(tmp_path, capsys, name):
     assert table.count("\n| ") == len(rows) + 1
     if name == "timing":  # one baseline per schedule, shared by its variants
         assert len({r["baseline_val_loss"] for r in rows}) == 2
+    if name == "lr":  # one baseline per learning rate, shared by both sources
+        assert len({r["baseline_val_loss"] for r in rows}) == 3
+        assert sorted({r["x"] for r in rows}) == pytest.approx([1.5e-3, 3e-3, 6e-3])
     capsys.readouterr()
     assert main(["experiment", name, *TINY, "--out", str(out)]) == 0  # a rerun trains nothing
     assert "step 40/40" not in capsys.readouterr().err
