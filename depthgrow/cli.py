@@ -1,4 +1,4 @@
-"""The ``depthgrow`` command: ``train``, ``compare`` and ``flops``.
+"""The ``depthgrow`` command: ``train``, ``compare``, ``experiment``, ``flops`` and ``export``.
 
 Every command takes an optional TOML config file and any number of ``--section.key=value`` overrides
 (``--growth.at=0.8``, ``--train.steps 2000``), plus the shorthands ``--model NAME`` (a preset),
@@ -141,11 +141,23 @@ def cmd_experiment(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from depthgrow.export import export_checkpoint
+
+    if overrides:
+        raise DepthgrowError(f"export takes no config options, got --{next(iter(overrides))}")
+    out_dir = export_checkpoint(args.source, args.out_dir, overwrite=args.overwrite)
+    print(f"exported {args.source} to {out_dir} as a Hugging Face model folder (model card: {out_dir}/README.md)")
+    print(f'load it with: transformers.AutoModelForCausalLM.from_pretrained("{out_dir}")')
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, str]], int]] = {
     "train": cmd_train,
     "compare": cmd_compare,
     "flops": cmd_flops,
     "experiment": cmd_experiment,
+    "export": cmd_export,
 }
 
 
@@ -220,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     experiment_parser.add_argument("--out", help="results folder (default: results)")
     experiment_parser.add_argument("--full", action="store_true", help="the larger grid, closer to the paper's")
     _mix_tolerance_option(experiment_parser)
+
+    export_help = "write a run's model as a Hugging Face transformers folder (config.json, model.safetensors)"
+    export_parser = commands.add_parser("export", help=export_help, description=export_help, allow_abbrev=False)
+    export_parser.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help="a run folder or its checkpoint.pt")
+    export_parser.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (created if missing)")
+    export_parser.add_argument("--overwrite", action="store_true", help="export into OUT_DIR even if it is not empty")
     return parser
 
 

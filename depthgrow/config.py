@@ -140,6 +140,9 @@ def _with_overrides(raw: dict[str, Any], overrides: dict[str, str]) -> dict[str,
     if "model.preset" in overrides:
         # a new preset replaces the whole model section (a saved config lists every model field)
         raw["model"] = {}
+    if "optim.name" in overrides:
+        # another optimizer brings its own learning rate and weight decay unless they are given too
+        raw["optim"] = {k: v for k, v in _table(raw, "optim").items() if k not in ("lr", "weight_decay")}
     for key, value in overrides.items():
         section, _, name = key.partition(".")
         if not name:
@@ -153,7 +156,7 @@ def _with_overrides(raw: dict[str, Any], overrides: dict[str, str]) -> dict[str,
 
 
 def _resolved(config: RunConfig) -> RunConfig:
-    config.validate()
+    config = dataclasses.replace(config.validate(), optim=config.optim.resolved())
     if config.data.path is not None:
         # absolute, so that a resume or a compare rerun from another folder reads the same data
         absolute = str(Path(config.data.path).expanduser().resolve())

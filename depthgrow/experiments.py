@@ -85,13 +85,10 @@ def _source_variants(full: bool, base: RunConfig) -> list[Variant]:
 
 
 def _optimizer_variants(full: bool, base: RunConfig) -> list[Variant]:
-    optimizers = {
-        "adamw": {"optim.name": "adamw", "optim.lr": "3e-3", "optim.weight_decay": "0.1"},
-        "muon-nsgd": {"optim.name": "muon-nsgd", "optim.lr": "0.02", "optim.weight_decay": "0.01"},
-    }
+    # each optimizer with its own default learning rate and weight decay (optim.OPTIMIZER_DEFAULTS)
     return [
-        Variant(f"{name} {source} -> L", {**optim, **_growth(source, 0.8)}, series=name)
-        for name, optim in optimizers.items()
+        Variant(f"{name} {source} -> L", {"optim.name": name, **_growth(source, 0.8)}, series=name)
+        for name in ("adamw", "muon-nsgd")
         for source in (0, 1)
     ]
 

@@ -12,6 +12,7 @@ matrices - the 2-D weights inside the block stacks - and normalised SGD on every
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -23,23 +24,37 @@ from torch import nn
 from torch.optim import Optimizer
 
 OptimizerName = Literal["adamw", "muon-nsgd"]
+# what each optimizer uses for a learning rate or weight decay the config leaves unset
+OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
+    "adamw": {"lr": 3e-3, "weight_decay": 0.1},
+    "muon-nsgd": {"lr": 0.01, "weight_decay": 0.01},  # the paper's weight decay
+}
 
 
 @dataclass(kw_only=True)
 class OptimConfig:
     name: OptimizerName = "adamw"
-    lr: float = 3e-3  # peak learning rate, shared by every group
-    weight_decay: float = 0.1  # decoupled; AdamW applies it to tensors of 2+ dims only
+    lr: float | None = None  # peak learning rate, shared by every group; none: the optimizer's default
+    weight_decay: float | None = None  # decoupled, on tensors of 2+ dims only; none: the optimizer's default
     beta1: float = 0.9  # AdamW
     beta2: float = 0.95  # AdamW
     eps: float = 1e-8  # AdamW
     momentum: float = 0.95  # Muon and normalised SGD (Nesterov)
 
+    def resolved(self) -> OptimConfig:
+        """This config with the optimizer's defaults filled in where it leaves lr or weight decay unset."""
+        defaults = OPTIMIZER_DEFAULTS[self.name]
+        return dataclasses.replace(
+            self,
+            lr=defaults["lr"] if self.lr is None else self.lr,
+            weight_decay=defaults["weight_decay"] if self.weight_decay is None else self.weight_decay,
+        )
+
     def problems(self) -> list[str]:
         found = []
-        if not (math.isfinite(self.lr) and self.lr > 0):
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             found.append(f"optim.lr must be a finite number > 0, got {self.lr}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+        if self.weight_decay is not None and not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             found.append(f"optim.weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not (math.isfinite(self.eps) and self.eps > 0):
             found.append(f"optim.eps must be a finite number > 0, got {self.eps}")
@@ -137,6 +152,7 @@ def hidden_matrix_names(model: nn.Module) -> set[str]:
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> OptimizerChain:
+    config = config.resolved()
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if config.name == "adamw":
         roles = {

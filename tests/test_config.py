@@ -1,11 +1,13 @@
 """Run configs: defaults, the TOML file format, ``section.key=value`` overrides and their error messages."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from depthgrow.config import RunConfig, TrainConfig, config_differences, load_config, save_config
 from depthgrow.errors import DepthgrowError
+from depthgrow.optim import OPTIMIZER_DEFAULTS
 from depthgrow.presets import PRESETS
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -25,15 +27,28 @@ def test_default_config_is_valid():
     assert config.data.path is None  # the embedded corpus
 
 
-def test_load_config_without_file_equals_defaults():
-    assert load_config().to_dict() == RunConfig().to_dict()
+def test_load_config_without_file_equals_defaults_with_the_optimizer_defaults_filled_in():
+    loaded = load_config()
+    defaults = RunConfig()
+    assert defaults.optim.lr is None and defaults.optim.weight_decay is None
+    assert loaded.optim.lr == OPTIMIZER_DEFAULTS[loaded.optim.name]["lr"]
+    assert loaded.optim.weight_decay == OPTIMIZER_DEFAULTS[loaded.optim.name]["weight_decay"]
+    assert loaded.to_dict() == dataclasses.replace(defaults, optim=defaults.optim.resolved()).to_dict()
+
+
+def test_switching_optimizer_brings_its_own_learning_rate_unless_given():
+    adamw = load_config(None, {"optim.name": "adamw"})
+    muon = adamw.with_overrides({"optim.name": "muon-nsgd"})
+    assert (muon.optim.lr, muon.optim.weight_decay) == (0.01, 0.01)
+    assert adamw.with_overrides({"optim.name": "muon-nsgd", "optim.lr": "0.05"}).optim.lr == 0.05
+    assert adamw.with_overrides({"optim.lr": "0.05"}).optim.weight_decay == 0.1
 
 
 # ------------------------------------------------------------------------------------------ round trip
 
 
 def test_round_trip_defaults(tmp_path):
-    config = RunConfig()
+    config = load_config()
     path = tmp_path / "config.toml"
     save_config(config, path)
     assert load_config(path).to_dict() == config.to_dict()
@@ -206,7 +221,7 @@ def test_override_preset_switch():
         ({"growth.copy_optimizer_state": "maybe"}, ["growth.copy_optimizer_state", "true or false"]),
         ({"growth.at": "0.5,x"}, ["growth.at"]),
         ({"model.preset": "gpt2-huge"}, ["unknown model preset", "gpt2-huge", "gpt2-tiny"]),
-        ({"model.family": "llama"}, ["llama"]),
+        ({"model.family": "rwkv"}, ["unknown model family", "rwkv"]),
         ({"optim.name": "sgd"}, ["optim.name", "adamw", "muon-nsgd", "sgd"]),
         ({"growth.init": "clone"}, ["growth.init", "copy_inter", "clone"]),
         ({"schedule.name": "step"}, ["schedule.name", "wsd"]),
@@ -316,7 +331,7 @@ def test_shipped_config_loads_and_validates(path):
 
 
 def test_config_differences_names_changed_key():
-    base = RunConfig().to_dict()
+    base = load_config().to_dict()
     changed = load_config(None, {"train.steps": "123"}).to_dict()
     differences = config_differences(base, changed)
     assert len(differences) == 1
@@ -325,8 +340,8 @@ def test_config_differences_names_changed_key():
 
 
 def test_config_differences_identical_and_ignore():
-    base = RunConfig().to_dict()
-    assert config_differences(base, RunConfig().to_dict()) == []
+    base = load_config().to_dict()
+    assert config_differences(base, load_config().to_dict()) == []
     changed = load_config(None, {"train.out_dir": "elsewhere", "optim.lr": "0.01"}).to_dict()
     differences = config_differences(base, changed)
     assert [d.split(" ")[0] for d in differences] == ["optim.lr", "train.out_dir"]
