@@ -126,7 +126,10 @@ def cmd_flops(args: argparse.Namespace, overrides: dict[str, str]) -> int:
                 f"{counting.name:<10} {chain:<22} {c.params_small / 1e6:>9.2f}M {c.params_large / 1e6:>9.2f}M "
                 f"{c.flops_fixed:>12.3e} {c.flops_progressive:>12.3e} {c.fraction:>9.1%} {c.speedup:>7.2f}x"
             )
-    print("depthgrow counting: matmul FLOPs incl. the tied head and attention scores; paper: 6 x all parameters")
+    print(
+        "N: parameters used per token. depthgrow counting: the matmuls of every token (block weights, LM head) "
+        "and the attention scores; paper: 6 x N"
+    )
     return 0
 
 

@@ -42,7 +42,7 @@ def plan_flops(
 @dataclass(frozen=True)
 class ComputeComparison:
     counting: str
-    params_small: int  # every parameter, embeddings included
+    params_small: int  # every parameter used per token (active ones for mixtures of experts)
     params_large: int
     flops_fixed: float
     flops_progressive: float
@@ -63,8 +63,8 @@ def compare_compute(
     fixed = GrowthPlan(depths=(plan.target_depth,), steps=())
     return ComputeComparison(
         counting=counting.name,
-        params_small=config.with_depth(plan.initial_depth).num_params(),
-        params_large=config.with_depth(plan.target_depth).num_params(),
+        params_small=config.with_depth(plan.initial_depth).num_active_params(),
+        params_large=config.with_depth(plan.target_depth).num_active_params(),
         flops_fixed=plan_flops(
             config, fixed, total_steps=total_steps, tokens_per_step=tokens_per_step, counting=counting
         ),

@@ -126,7 +126,7 @@ def grow(
         kept: set[int] = set()
         for index, source in enumerate(sources):
             if source is None:
-                block = model.make_block(prefix)
+                block = model.make_block(prefix).train(model.training)
                 model.init_block(prefix, index, block, seed)
             elif source not in kept:
                 block = stack[source]

@@ -1,11 +1,14 @@
 """Named model configs. The CPU-sized ones use the byte-level vocabulary (256) of the embedded corpus;
-the paper-sized ones use GPT-2's BPE vocabulary (50257) and its 1024-token context."""
+the paper-sized ones use the vocabulary of the model they stand for (GPT-2's 50257 BPE tokens with a
+1024-token context, LLaMA-3's 128256 or DeepSeek-V3's 129280 with a 2048-token context)."""
 
 from __future__ import annotations
 
 from depthgrow.errors import DepthgrowError
 from depthgrow.models import ModelConfig
 from depthgrow.models.gpt2 import GPT2Config
+from depthgrow.models.llama import LlamaConfig
+from depthgrow.models.moe import MoEConfig
 
 PRESETS: dict[str, ModelConfig] = {
     # a few thousand parameters per block: for tests and smoke runs
@@ -17,6 +20,60 @@ PRESETS: dict[str, ModelConfig] = {
     "gpt2-124m": GPT2Config(n_layer=12, n_embd=768, n_head=12),
     "gpt2-350m": GPT2Config(n_layer=24, n_embd=1024, n_head=16),
     "gpt2-7b": GPT2Config(n_layer=60, n_embd=3072, n_head=24),
+    # LLaMA-3 style (RMSNorm, RoPE, SwiGLU, grouped-query attention); the CPU ones match gpt2-test/-tiny
+    "llama-test": LlamaConfig(
+        n_layer=2, n_embd=32, n_head=4, n_kv_head=2, ffn_hidden=96, block_size=32, vocab_size=256
+    ),
+    "llama-tiny": LlamaConfig(  # 0.80M parameters (gpt2-tiny: 0.83M)
+        n_layer=4, n_embd=128, n_head=4, n_kv_head=2, ffn_hidden=352, block_size=128, vocab_size=256
+    ),
+    # the paper's dense scaling-law sizes, embeddings tied as in LLaMA-3.2 1B/3B (an untied 128256 x d head
+    # would be most of the small ones); total parameters, and of the zero-layer model:
+    "llama3-250m": LlamaConfig(  # 249.5M, zero-layer 98.5M
+        n_layer=24, n_embd=768, n_head=12, n_kv_head=4, ffn_hidden=2048, tie_embeddings=True
+    ),
+    "llama3-500m": LlamaConfig(  # 492.1M, zero-layer 131.3M
+        n_layer=32, n_embd=1024, n_head=16, n_kv_head=4, ffn_hidden=2816, tie_embeddings=True
+    ),
+    "llama3-1b": LlamaConfig(  # 1002.4M, zero-layer 197.0M
+        n_layer=32, n_embd=1536, n_head=12, n_kv_head=4, ffn_hidden=4096, tie_embeddings=True
+    ),
+    "llama3-2b": LlamaConfig(  # 2024.4M, zero-layer 262.7M (LLaMA-3.2 1B's blocks, 28 of them)
+        n_layer=28, n_embd=2048, n_head=16, n_kv_head=8, ffn_hidden=8192, tie_embeddings=True
+    ),
+    # DeepSeek-V3 style mixture of experts (sigmoid top-k routing, shared experts, bias balancing)
+    "moe-test": MoEConfig(
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        n_kv_head=2,
+        n_expert=4,
+        top_k=2,
+        n_shared_expert=1,
+        expert_hidden=32,
+        block_size=32,
+        vocab_size=256,
+    ),
+    "moe-tiny": MoEConfig(  # 2.04M parameters, 0.86M active
+        n_layer=4,
+        n_embd=128,
+        n_head=4,
+        n_kv_head=2,
+        n_expert=8,
+        top_k=2,
+        n_shared_expert=1,
+        expert_hidden=128,
+        block_size=128,
+        vocab_size=256,
+    ),
+    # the paper's MoE sizes, named by active parameters; 64 routed experts, 6 active, 2 shared, as
+    # DeepSeek-V2-Lite; embeddings tied (an untied head alone would be 0.1B of the 0.2B active):
+    "deepseek-v3-200m": MoEConfig(  # 203.7M active, 819.5M total, zero-layer 99.3M
+        n_layer=12, n_embd=768, n_head=12, n_kv_head=4, n_expert=64, top_k=6, n_shared_expert=2, expert_hidden=384
+    ),
+    "deepseek-v3-500m": MoEConfig(  # 498.9M active, 2688.3M total, zero-layer 132.4M
+        n_layer=24, n_embd=1024, n_head=16, n_kv_head=4, n_expert=64, top_k=6, n_shared_expert=2, expert_hidden=512
+    ),
 }
 
 

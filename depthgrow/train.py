@@ -214,7 +214,12 @@ class _Run:
             tokens=self.state.tokens,
             wall_s=self.state.train_time_s,
         )
-        self.log.write(record if phase is None else {**record, "phase": phase})
+        if phase is not None:
+            record["phase"] = phase
+        if hasattr(self.model, "expert_usage"):  # mixtures of experts: load per block since the last eval
+            record["expert_usage"] = self.model.expert_usage()
+            self.model.reset_expert_usage()
+        self.log.write(record)
         self.log.flush()
         return val_loss
 

@@ -7,9 +7,13 @@ from torch import nn
 
 from depthgrow.models.base import GrowableModel, ModelConfig
 from depthgrow.models.gpt2 import GPT2, GPT2Config
+from depthgrow.models.llama import Llama, LlamaConfig
+from depthgrow.models.moe import MoE, MoEConfig
 
 FAMILIES: dict[str, tuple[type[ModelConfig], type[nn.Module]]] = {
     GPT2Config.family: (GPT2Config, GPT2),
+    LlamaConfig.family: (LlamaConfig, Llama),
+    MoEConfig.family: (MoEConfig, MoE),
 }
 
 
@@ -24,4 +28,15 @@ def build_model(config: ModelConfig, *, seed: int, device: str | torch.device = 
     return model
 
 
-__all__ = ["FAMILIES", "GPT2", "GPT2Config", "GrowableModel", "ModelConfig", "build_model"]
+__all__ = [
+    "FAMILIES",
+    "GPT2",
+    "GPT2Config",
+    "GrowableModel",
+    "Llama",
+    "LlamaConfig",
+    "MoE",
+    "MoEConfig",
+    "ModelConfig",
+    "build_model",
+]

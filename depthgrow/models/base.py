@@ -9,11 +9,15 @@ whose outputs are added to the residual stream (zeroed by the function-preservin
 from __future__ import annotations
 
 import dataclasses
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from depthgrow.seeding import derived_generator
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -29,6 +33,10 @@ class ModelConfig:
 
     def num_params(self, *, embeddings: bool = True) -> int:
         raise NotImplementedError
+
+    def num_active_params(self) -> int:
+        """Parameters used for each token: all of them, but for mixtures of experts."""
+        return self.num_params()
 
     def flops_per_token(self, *, count_embeddings: bool = False, count_attention: bool = True) -> float:
         raise NotImplementedError
@@ -65,3 +73,52 @@ class GrowableModel(Protocol):
         ...
 
     def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+# --- helpers every family's init uses, so that all families draw the same way ---
+
+EMBEDDING_STREAM = 0
+BLOCK_STREAM = 1
+
+
+def block_generator(seed: int, stack: str, index: int) -> torch.Generator:
+    """The generator of slot ``index`` of ``stack``: a function of (seed, stack, index) only, so that a
+    block grown into a slot is drawn exactly as the same slot of a fresh model of the target depth."""
+    return derived_generator(seed, BLOCK_STREAM, zlib.crc32(stack.encode()), index)
+
+
+def normal_(tensor: torch.Tensor, std: float, generator: torch.Generator) -> None:
+    """Fill ``tensor`` with N(0, std²) drawn on the CPU, so every device gets the same numbers."""
+    tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std)
+
+
+@torch.no_grad()
+def init_block_weights(
+    block: nn.Module,
+    *,
+    residual: list[nn.Module],
+    std: float,
+    residual_std: float,
+    generator: torch.Generator,
+    norms: tuple[type[nn.Module], ...],
+) -> None:
+    """Linear weights N(0, std²), the ``residual`` projections N(0, residual_std²), biases 0, and the
+    gains of ``norms`` modules 1 (their biases 0), in module order."""
+    residual_ids = {id(module) for module in residual}
+    for module in block.modules():
+        if isinstance(module, nn.Linear):
+            normal_(module.weight, residual_std if id(module) in residual_ids else std, generator)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, norms):
+            module.weight.fill_(1.0)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+
+
+def materialize(factory: Callable[[], nn.Module], like: torch.Tensor) -> nn.Module:
+    """Build a module on the meta device (no memory and no random draws for values an init overwrites),
+    then allocate it on ``like``'s device and dtype."""
+    with torch.device("meta"):
+        module = factory()
+    return module.to_empty(device=like.device).to(dtype=like.dtype)

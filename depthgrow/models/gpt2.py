@@ -10,7 +10,6 @@ separate ``lm_head.weight`` entry for the tied head.
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -18,11 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from depthgrow.models.base import ModelConfig
+from depthgrow.models.base import (
+    EMBEDDING_STREAM,
+    ModelConfig,
+    block_generator,
+    init_block_weights,
+    materialize,
+    normal_,
+)
 from depthgrow.seeding import derived_generator
-
-_EMBEDDING_STREAM = 0
-_BLOCK_STREAM = 1
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -164,30 +167,20 @@ class GPT2(nn.Module):
         return {self.STACK: self.transformer.h}
 
     def make_block(self, stack: str) -> nn.Module:
-        # built on the meta device: no memory or random draws for values init_block overwrites
-        with torch.device("meta"):
-            block = Block(self.config)
-        reference = self.transformer.wte.weight
-        return block.to_empty(device=reference.device).to(dtype=reference.dtype)
+        return materialize(lambda: Block(self.config), like=self.transformer.wte.weight)
 
     def residual_projections(self, block: nn.Module) -> list[nn.Module]:
         return [block.attn.c_proj, block.mlp.c_proj]
 
-    @torch.no_grad()
     def init_block(self, stack: str, index: int, block: nn.Module, seed: int) -> None:
-        generator = derived_generator(seed, _BLOCK_STREAM, zlib.crc32(stack.encode()), index)
-        std = self.config.init_std
-        residual_std = std / math.sqrt(2 * self.config.n_layer)
-        residual = {id(m) for m in self.residual_projections(block)}
-        for module in block.modules():
-            if isinstance(module, nn.Linear):
-                _normal_(module.weight, residual_std if id(module) in residual else std, generator)
-                if module.bias is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.LayerNorm):
-                module.weight.fill_(1.0)
-                if module.bias is not None:
-                    module.bias.zero_()
+        init_block_weights(
+            block,
+            residual=self.residual_projections(block),
+            std=self.config.init_std,
+            residual_std=self.config.init_std / math.sqrt(2 * self.config.n_layer),
+            generator=block_generator(seed, stack, index),
+            norms=(nn.LayerNorm,),
+        )
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -208,16 +201,11 @@ class GPT2(nn.Module):
         block i of a model grown to depth L is therefore initialised bit for bit as block i of a fresh
         depth-L model with the same seed, on any device.
         """
-        generator = derived_generator(seed, _EMBEDDING_STREAM)
-        _normal_(self.transformer.wte.weight, self.config.init_std, generator)
-        _normal_(self.transformer.wpe.weight, self.config.init_std, generator)
+        generator = derived_generator(seed, EMBEDDING_STREAM)
+        normal_(self.transformer.wte.weight, self.config.init_std, generator)
+        normal_(self.transformer.wpe.weight, self.config.init_std, generator)
         self.transformer.ln_f.weight.fill_(1.0)
         if self.transformer.ln_f.bias is not None:
             self.transformer.ln_f.bias.zero_()
         for index, block in enumerate(self.transformer.h):
             self.init_block(self.STACK, index, block, seed)
-
-
-def _normal_(tensor: torch.Tensor, std: float, generator: torch.Generator) -> None:
-    draw = torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std
-    tensor.copy_(draw)

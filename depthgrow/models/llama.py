@@ -1,0 +1,299 @@
+"""LLaMA-3 style decoder (pre-norm RMSNorm, rotary positions, SwiGLU, grouped-query attention) at any depth >= 0.
+
+A zero-layer LLaMA is the token embedding, the final RMSNorm and the LM head: with rotary positions there is
+no position embedding, so it is a bigram model. Parameter names follow Hugging Face's ``LlamaForCausalLM``
+(``model.embed_tokens``, ``model.layers.{i}.self_attn.q_proj``, ``model.layers.{i}.mlp.gate_proj`` ...,
+``lm_head``) and so does the math (RMSNorm in float32, RoPE in the rotate-half convention): exporting is a
+rename-free copy of the state dict into a ``LlamaForCausalLM`` whose ``LlamaConfig`` has
+``tie_word_embeddings=tie_embeddings``; a tied model has no ``lm_head.weight`` entry, HF ties it itself.
+
+The attention, RMSNorm, rotary tables, SwiGLU and the decoder itself are shared with the mixture-of-experts
+family (:mod:`depthgrow.models.moe`), which only swaps the feed-forward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from depthgrow.models.base import (
+    EMBEDDING_STREAM,
+    ModelConfig,
+    block_generator,
+    init_block_weights,
+    materialize,
+    normal_,
+)
+from depthgrow.seeding import derived_generator
+
+
+@dataclass(kw_only=True, frozen=True)
+class DecoderConfig(ModelConfig):
+    """The fields of a LLaMA-style decoder that do not depend on its feed-forward. The defaults are the
+    llama3-1b preset with an untied head."""
+
+    n_layer: int = 32
+    n_embd: int = 1536
+    n_head: int = 12
+    n_kv_head: int = 4  # grouped-query attention: each key/value head serves n_head / n_kv_head query heads
+    block_size: int = 2048  # context length; also the training sequence length
+    vocab_size: int = 128256  # LLaMA-3's tokenizer
+    rope_theta: float = 500000.0  # LLaMA-3's; LLaMA-1/2 used 10000
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False  # the LM head is the token embedding (one parameter, no lm_head entry)
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def problems(self) -> list[str]:
+        found = super().problems()
+        for name in ("n_embd", "n_head", "n_kv_head", "block_size", "vocab_size"):
+            if getattr(self, name) < 1:
+                found.append(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_head >= 1 and self.n_embd % self.n_head:
+            found.append(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        elif self.n_head >= 1 and self.head_dim % 2:
+            # RoPE rotates pairs of coordinates
+            found.append(f"the head dimension n_embd / n_head = {self.head_dim} must be even for rotary embeddings")
+        if self.n_kv_head >= 1 and self.n_head % self.n_kv_head:
+            found.append(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                found.append(f"model.{name} must be a finite number > 0, got {value}")
+        return found
+
+    def attention_params(self) -> int:
+        # q_proj and o_proj d x d each; k_proj and v_proj d x (n_kv_head · head_dim) each
+        d = self.n_embd
+        return 2 * d * d + 2 * d * self.n_kv_head * self.head_dim
+
+    def outer_params(self, *, embeddings: bool) -> int:
+        """What is outside the blocks: the token embedding (when ``embeddings``), an untied LM head and the
+        final norm's gain."""
+        table = self.vocab_size * self.n_embd
+        return (table if embeddings else 0) + (0 if self.tie_embeddings else table) + self.n_embd
+
+
+@dataclass(kw_only=True, frozen=True)
+class LlamaConfig(DecoderConfig):
+    family: ClassVar[str] = "llama"
+    # SwiGLU hidden size; none: LLaMA's rule, 8/3 · n_embd rounded up to a multiple of 256
+    ffn_hidden: int | None = None
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        return 256 * math.ceil(8 * self.n_embd / 3 / 256)
+
+    def problems(self) -> list[str]:
+        found = super().problems()
+        if self.ffn_hidden is not None and self.ffn_hidden < 1:
+            found.append(f"model.ffn_hidden must be >= 1 (or none), got {self.ffn_hidden}")
+        return found
+
+    def block_weights(self) -> int:
+        """The matrices of one block: attention and the SwiGLU's gate, up and down projections."""
+        return self.attention_params() + 3 * self.n_embd * self.ffn_size
+
+    def num_params(self, *, embeddings: bool = True) -> int:
+        block = self.block_weights() + 2 * self.n_embd  # and two RMSNorm gains
+        return self.n_layer * block + self.outer_params(embeddings=embeddings)
+
+    def flops_per_token(self, *, count_embeddings: bool = False, count_attention: bool = True) -> float:
+        """Training FLOPs (forward + backward) per token.
+
+        A matrix multiply of a token's d_in-vector by a d_in x d_out weight costs 2·d_in·d_out FLOPs
+        forward and twice that backward (input gradient and weight gradient), so a weight matrix with n
+        entries costs 6·n per token in training. The weights that multiply every token are, per block,
+        q_proj and o_proj (d² each), k_proj and v_proj (d·n_kv_head·head_dim each: grouped-query attention
+        shrinks them) and the SwiGLU's gate, up and down projections (d·f each, f = ``ffn_size``), plus the
+        LM head (V·d, tied or not; the embedding lookup is free): 6·N with
+        N = L·(2d² + 2·d·n_kv_head·head_dim + 3·d·f) + V·d.
+
+        Attention adds the scores Q·Kᵀ and the weighted sum of V, 2·T·d FLOPs per token each forward over
+        the full T x T matrix (as ``torch.utils.flop_counter`` counts them), so 12·L·T·d in training, with
+        d = n_head·head_dim: every query head attends, so sharing key/value heads does not change it.
+
+        ``count_embeddings=True`` follows the paper instead: N counts every parameter (the embedding, an
+        untied head as a second V x d matrix, the norms). Combine it with ``count_attention=False`` for the
+        paper's 6·N exactly.
+        """
+        L, T = self.n_layer, self.block_size
+        n = self.num_params() if count_embeddings else L * self.block_weights() + self.vocab_size * self.n_embd
+        attention = 12 * L * T * self.n_embd if count_attention else 0
+        return 6.0 * n + attention
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # in float32 and cast back before the gain, as Hugging Face's LlamaRMSNorm: low-precision squares
+        # would lose the mean
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotary_tables(length: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, (length, head_dim), in float32 and in Hugging Face's layout: the
+    frequencies repeated for the two halves of the head, which ``rotate_half`` pairs up."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
+    angles = torch.arange(length, dtype=torch.float, device=device)[:, None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.grouped = config.n_kv_head != config.n_head
+        d, kv = config.n_embd, config.n_kv_head * config.head_dim
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, kv, bias=False)
+        self.v_proj = nn.Linear(d, kv, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        # (B, T, heads·hs) -> (B, heads, T, hs)
+        q, k, v = (
+            proj(x).view(B, T, -1, self.head_dim).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # enable_gqa lets each key/value head serve its group of query heads without materialising copies
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.grouped)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    """LLaMA's feed-forward, also each expert of the MoE family: down(silu(gate(x)) · up(x))."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: DecoderConfig, mlp: nn.Module) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    STACK = "model.layers"
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(
+            dict(
+                embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
+                layers=nn.ModuleList(self.new_block() for _ in range(config.n_layer)),
+                norm=RMSNorm(config.n_embd, config.norm_eps),
+            )
+        )
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+    def new_block(self) -> Block:
+        """A block on the current device, uninitialised; the MoE family swaps its feed-forward here."""
+        return Block(self.config, SwiGLU(self.config.n_embd, self.config.ffn_size))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab_size)."""
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds the context length {self.config.block_size}")
+        x = self.model.embed_tokens(idx)
+        # recomputed per forward (a few T x head_dim tables): nothing to re-create after to_empty or growth
+        cos, sin = rotary_tables(T, self.config.head_dim, self.config.rope_theta, idx.device)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for block in self.model.layers:
+            x = block(x, cos, sin)
+        x = self.model.norm(x)
+        if self.lm_head is None:
+            return F.linear(x, self.model.embed_tokens.weight)
+        return self.lm_head(x)
+
+    # --- what growth needs (see depthgrow.models.base.GrowableModel) ---
+
+    def block_stacks(self) -> dict[str, nn.ModuleList]:
+        return {self.STACK: self.model.layers}
+
+    def make_block(self, stack: str) -> nn.Module:
+        return materialize(self.new_block, like=self.model.embed_tokens.weight)
+
+    def residual_projections(self, block: nn.Module) -> list[nn.Module]:
+        return [block.self_attn.o_proj, block.mlp.down_proj]
+
+    def init_block(self, stack: str, index: int, block: nn.Module, seed: int) -> None:
+        init_block_weights(
+            block,
+            residual=self.residual_projections(block),
+            std=self.config.init_std,
+            residual_std=self.config.init_std / math.sqrt(2 * self.config.n_layer),
+            generator=block_generator(seed, stack, index),
+            norms=(RMSNorm,),
+        )
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Initialise every parameter, GPT-2 style (as depthgrow.models.gpt2):
+
+        ====================================  ==========================================
+        parameter                             initialisation
+        ====================================  ==========================================
+        ``embed_tokens``, ``lm_head``         N(0, init_std²), the head drawn after the
+                                              embedding from the same stream
+        Linear weights in a block             N(0, init_std²)
+        ``residual_projections(block)``       N(0, (init_std / sqrt(2·n_layer))²): the 2·L
+        (``o_proj``, ``mlp.down_proj``)       residual branches then add up to O(1)
+        RMSNorm gains                         1
+        ====================================  ==========================================
+
+        Each block draws from its own generator, derived from (seed, block index), and draws on the CPU:
+        block i of a model grown to depth L is therefore initialised bit for bit as block i of a fresh
+        depth-L model with the same seed, on any device. The rotary tables are not state: ``forward``
+        computes them.
+        """
+        generator = derived_generator(seed, EMBEDDING_STREAM)
+        normal_(self.model.embed_tokens.weight, self.config.init_std, generator)
+        if self.lm_head is not None:
+            normal_(self.lm_head.weight, self.config.init_std, generator)
+        self.model.norm.weight.fill_(1.0)
+        for index, block in enumerate(self.model.layers):
+            self.init_block(self.STACK, index, block, seed)
