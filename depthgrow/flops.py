@@ -20,8 +20,8 @@ class FlopCounting:
     count_embeddings: bool
     count_attention: bool
 
-    def per_token(self, config: ModelConfig) -> float:
-        return config.flops_per_token(count_embeddings=self.count_embeddings, count_attention=self.count_attention)
+    def per_unit(self, config: ModelConfig) -> float:
+        return config.flops_per_unit(count_embeddings=self.count_embeddings, count_attention=self.count_attention)
 
 
 DEPTHGROW = FlopCounting("depthgrow", count_embeddings=False, count_attention=True)
@@ -29,12 +29,12 @@ PAPER = FlopCounting("paper", count_embeddings=True, count_attention=False)
 
 
 def plan_flops(
-    config: ModelConfig, plan: GrowthPlan, *, total_steps: int, tokens_per_step: int, counting: FlopCounting
+    config: ModelConfig, plan: GrowthPlan, *, total_steps: int, units_per_step: int, counting: FlopCounting
 ) -> float:
     """Training FLOPs of ``total_steps`` steps whose depth follows ``plan``."""
     bounds = [0, *plan.steps, total_steps]
     return sum(
-        (end - start) * tokens_per_step * counting.per_token(config.with_depth(depth))
+        (end - start) * units_per_step * counting.per_unit(config.with_depth(depth))
         for depth, start, end in zip(plan.depths, bounds[:-1], bounds[1:], strict=True)
     )
 
@@ -57,7 +57,7 @@ class ComputeComparison:
 
 
 def compare_compute(
-    config: ModelConfig, plan: GrowthPlan, *, total_steps: int, tokens_per_step: int, counting: FlopCounting
+    config: ModelConfig, plan: GrowthPlan, *, total_steps: int, units_per_step: int, counting: FlopCounting
 ) -> ComputeComparison:
     """The progressive run of ``plan`` against a run at the target depth throughout."""
     fixed = GrowthPlan(depths=(plan.target_depth,), steps=())
@@ -66,9 +66,9 @@ def compare_compute(
         params_small=config.with_depth(plan.initial_depth).num_active_params(),
         params_large=config.with_depth(plan.target_depth).num_active_params(),
         flops_fixed=plan_flops(
-            config, fixed, total_steps=total_steps, tokens_per_step=tokens_per_step, counting=counting
+            config, fixed, total_steps=total_steps, units_per_step=units_per_step, counting=counting
         ),
         flops_progressive=plan_flops(
-            config, plan, total_steps=total_steps, tokens_per_step=tokens_per_step, counting=counting
+            config, plan, total_steps=total_steps, units_per_step=units_per_step, counting=counting
         ),
     )

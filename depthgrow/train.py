@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ from depthgrow.checkpoint import (
     training_state,
 )
 from depthgrow.config import RESUME_FREE_KEYS, RunConfig, config_differences, read_toml, save_config
-from depthgrow.data import Batches, load_data
+from depthgrow.data import Batches, make_batches
 from depthgrow.errors import DepthgrowError
 from depthgrow.flops import DEPTHGROW
 from depthgrow.growth import grow
@@ -47,6 +47,9 @@ from depthgrow.metrics import LOG_NAME, JsonlLog, Progress
 from depthgrow.models import build_model
 from depthgrow.optim import OptimizerChain, build_optimizer
 from depthgrow.schedule import GrowthPlan, lr_multiplier
+
+if TYPE_CHECKING:
+    from depthgrow.vision import ImageBatches
 
 CONFIG_NAME = "config.toml"
 SUMMARY_NAME = "summary.json"
@@ -58,7 +61,7 @@ class TrainState:
 
     depth: int
     step: int = 0
-    tokens: int = 0
+    units: int = 0  # tokens (images for an image model) trained on
     flops: float = 0.0  # cumulative training FLOPs across depth changes (depthgrow counting)
     train_time_s: float = 0.0  # time in training steps only: no evaluation, checkpoint or growth
     growth_time_s: float = 0.0
@@ -92,11 +95,20 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> float:
+def evaluate(
+    model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> tuple[float, float]:
+    """Mean loss and accuracy (of the next token, or of the class) over the fixed validation batches."""
     model.eval()
-    total = sum(loss_fn(model(x.to(device)), y.to(device)).item() for x, y in batches)
+    loss, correct, count = 0.0, 0, 0
+    for x, y in batches:
+        logits = model(x.to(device))
+        y = y.to(device)
+        loss += loss_fn(logits, y).item()
+        correct += (logits.argmax(dim=-1) == y).sum().item()
+        count += y.numel()
     model.train()
-    return total / len(batches)
+    return loss / len(batches), correct / count
 
 
 class _StopRequest:
@@ -160,7 +172,7 @@ class _Run:
 
     config: RunConfig
     plan: GrowthPlan
-    batches: Batches
+    batches: Batches | ImageBatches
     val_batches: list[tuple[torch.Tensor, torch.Tensor]]
     device: torch.device
     model: nn.Module
@@ -170,7 +182,6 @@ class _Run:
 
     def train_step(self) -> float:
         total = self.config.train.steps
-        tokens_per_step = self.config.train.batch_size * self.config.model.block_size
         self.optimizer.set_lr_multiplier(lr_multiplier(self.state.step, total, self.config.schedule))
         started = time.perf_counter()
         x, y = self.batches.train_batch(self.state.step)
@@ -186,34 +197,24 @@ class _Run:
             )
         self.state.train_time_s += time.perf_counter() - started
         self.state.step += 1
-        self.state.tokens += tokens_per_step
-        self.state.flops += DEPTHGROW.per_token(self.model.config) * tokens_per_step
-        self.log.write(
-            dict(
-                event="train",
-                step=self.state.step,
-                loss=loss_value,
-                lr=self.optimizer.param_groups[0]["lr"],
-                depth=self.state.depth,
-                flops=self.state.flops,
-                tokens=self.state.tokens,
-                wall_s=self.state.train_time_s,
-            )
-        )
+        self.state.units += self.batches.units_per_step
+        self.state.flops += DEPTHGROW.per_unit(self.model.config) * self.batches.units_per_step
+        record = dict(event="train", step=self.state.step, loss=loss_value, lr=self.optimizer.param_groups[0]["lr"])
+        self.log.write({**record, **self.counters()})
         return loss_value
 
+    def counters(self) -> dict[str, Any]:
+        return {
+            "depth": self.state.depth,
+            "flops": self.state.flops,
+            f"{self.batches.unit}s": self.state.units,
+            "wall_s": self.state.train_time_s,
+        }
+
     def evaluate(self, phase: str | None = None) -> float:
-        val_loss = evaluate(self.model, self.val_batches, self.device)
+        val_loss, accuracy = evaluate(self.model, self.val_batches, self.device)
         self.state.last_val_loss = val_loss
-        record = dict(
-            event="eval",
-            step=self.state.step,
-            val_loss=val_loss,
-            depth=self.state.depth,
-            flops=self.state.flops,
-            tokens=self.state.tokens,
-            wall_s=self.state.train_time_s,
-        )
+        record = dict(event="eval", step=self.state.step, val_loss=val_loss, val_accuracy=accuracy, **self.counters())
         if phase is not None:
             record["phase"] = phase
         if hasattr(self.model, "expert_usage"):  # mixtures of experts: load per block since the last eval
@@ -286,15 +287,9 @@ def train(
     device = resolve_device(config.train.device)
     if device.type == "cpu":
         torch.set_flush_denormal(True)
-    data = load_data(config.data)
-    if data.vocab_size > config.model.vocab_size:
-        raise DepthgrowError(
-            f"the {config.data.tokenizer} tokenizer has {data.vocab_size} tokens but model.vocab_size is "
-            f"{config.model.vocab_size}; raise model.vocab_size or pick a preset for this vocabulary"
-        )
-    batches = Batches(
-        data,
-        block_size=config.model.block_size,
+    batches = make_batches(
+        config.model,
+        config.data,
         batch_size=config.train.batch_size,
         eval_batches=config.train.eval_batches,
         seed=config.train.seed,
@@ -330,8 +325,8 @@ def train(
                 if state.step % config.train.checkpoint_every == 0 or state.step == total:
                     run.save()
                     saved_at = state.step
-                tokens_per_s = state.tokens / max(state.train_time_s, 1e-9)
-                fields = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:.0f}", "depth": str(state.depth)}
+                rate = state.units / max(state.train_time_s, 1e-9)
+                fields = {"loss": f"{loss:.3f}", f"{batches.unit}/s": f"{rate:.0f}", "depth": str(state.depth)}
                 progress.update(state.step, {**fields, "flops": f"{state.flops:.2e}"})
             if saved_at != state.step:
                 run.save()
@@ -342,6 +337,7 @@ def train(
     if state.step == total:
         summary = {
             "final_val_loss": state.last_val_loss,
+            f"{batches.unit}s": state.units,
             **state.state_dict(),
             "depths": list(plan.depths),
             "growth_steps": list(plan.steps),

@@ -71,13 +71,14 @@ def test_log_holds_every_step_the_evaluations_around_growth_and_cumulative_flops
         (10, None), (20, None), (20, "pre_growth"), (20, "post_growth"), (30, None), (40, None)
     ]  # fmt: skip
     assert evals[1]["val_loss"] == evals[2]["val_loss"]  # same model, same fixed validation batches
+    assert all(0.0 < r["val_accuracy"] < 1.0 for r in evals)
     assert evals[2]["depth"] == 1 and evals[3]["depth"] == 2
     # copy from one layer changes the function, so the loss right after growth differs
     assert evals[3]["val_loss"] != evals[2]["val_loss"]
     (growth,) = records(run, "growth")
     assert (growth["step"], growth["from_depth"], growth["to_depth"], growth["init"]) == (20, 1, 2, "copy")
     config = load_config(run / "config.toml")
-    expected = plan_flops(config.model, config.plan(), total_steps=40, tokens_per_step=4 * 32, counting=DEPTHGROW)
+    expected = plan_flops(config.model, config.plan(), total_steps=40, units_per_step=4 * 32, counting=DEPTHGROW)
     assert train_records[-1]["flops"] == pytest.approx(expected)
     assert train_records[-1]["tokens"] == 40 * 4 * 32
     lrs = [r["lr"] for r in train_records]

@@ -26,10 +26,16 @@ class ModelConfig:
     in each block stack."""
 
     family: ClassVar[str]
+    task: ClassVar[str] = "lm"  # what the trainer feeds the model: "lm" token windows, "image" images
+    unit: ClassVar[str] = "token"  # what FLOPs and throughput are counted per
     n_layer: int
 
     def with_depth(self, depth: int) -> ModelConfig:
         return dataclasses.replace(self, n_layer=depth)
+
+    def units_per_example(self) -> int:
+        """Units (tokens, images) in one example of a batch: the context length for a language model."""
+        raise NotImplementedError
 
     def num_params(self, *, embeddings: bool = True) -> int:
         raise NotImplementedError
@@ -37,6 +43,10 @@ class ModelConfig:
     def num_active_params(self) -> int:
         """Parameters used for each token: all of them, but for mixtures of experts."""
         return self.num_params()
+
+    def flops_per_unit(self, *, count_embeddings: bool = False, count_attention: bool = True) -> float:
+        """Training FLOPs per unit (see each family's derivation); a language model's is per token."""
+        return self.flops_per_token(count_embeddings=count_embeddings, count_attention=count_attention)
 
     def flops_per_token(self, *, count_embeddings: bool = False, count_attention: bool = True) -> float:
         raise NotImplementedError

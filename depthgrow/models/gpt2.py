@@ -53,6 +53,9 @@ class GPT2Config(ModelConfig):
             found.append(f"model.init_std must be a finite number > 0, got {self.init_std}")
         return found
 
+    def units_per_example(self) -> int:
+        return self.block_size
+
     def block_params(self) -> int:
         d = self.n_embd
         # weights: c_attn 3d^2, attn.c_proj d^2, c_fc 4d^2, mlp.c_proj 4d^2; two LayerNorm gains;

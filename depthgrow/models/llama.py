@@ -48,6 +48,9 @@ class DecoderConfig(ModelConfig):
     tie_embeddings: bool = False  # the LM head is the token embedding (one parameter, no lm_head entry)
     init_std: float = 0.02
 
+    def units_per_example(self) -> int:
+        return self.block_size
+
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
