@@ -134,12 +134,14 @@ def cmd_flops(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from depthgrow.experiments import EXPERIMENTS, run_experiment
+    from depthgrow.experiments import EXPERIMENTS, experiment_base, run_experiment
 
     _check_mix_tolerance(args.mix_tolerance)
-    base = _config(args, overrides)
+    overrides = {**overrides, **{key: getattr(args, flag) for flag, key in SHORTHANDS.items() if getattr(args, flag)}}
+    overrides.pop("train.out_dir", None)  # --out is the results folder; every run gets its own folder in it
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
     for name in names:
+        base = experiment_base(name, config_path=args.config, overrides=overrides, full=args.full)
         run_experiment(name, base, out=args.out or "results", full=args.full, mix_tolerance=args.mix_tolerance)
     return 0
 

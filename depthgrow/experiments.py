@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from depthgrow.analysis import DEFAULT_MIX_TOLERANCE, eval_curve, last_growth_step, mixing_time
-from depthgrow.config import RunConfig
+from depthgrow.config import RunConfig, load_config
 from depthgrow.errors import DepthgrowError
 from depthgrow.growth import GrowthConfig
 from depthgrow.metrics import LOG_NAME, read_log
@@ -153,6 +153,25 @@ def _stored(config: RunConfig, store: Path, label: str) -> RunConfig:
     return dataclasses.replace(config, train=dataclasses.replace(config.train, out_dir=str(out_dir)))
 
 
+# the default grid shortens the compare recipe's run so that every experiment's grid together fits in
+# about half an hour on 2 CPU cores; the full grid keeps the recipe's length
+DEFAULT_GRID = {"train.steps": "1500", "train.eval_every": "100"}
+
+
+def experiment_base(
+    name: str, *, config_path: str | Path | None = None, overrides: dict[str, str] | None = None, full: bool = False
+) -> RunConfig:
+    """The base recipe of an experiment: the defaults, the grid's run length and the experiment's own
+    settings, then the user's config file and overrides (which win)."""
+    if name not in EXPERIMENTS:
+        raise DepthgrowError(f"unknown experiment {name!r}; choose one of: {', '.join(EXPERIMENTS)}")
+    grid = {} if full else DEFAULT_GRID
+    own = {**grid, **EXPERIMENTS[name].base(full)}
+    if config_path is not None:
+        return load_config(config_path, {**own, **(overrides or {})})
+    return load_config(None, {**own, **(overrides or {})})
+
+
 def run_experiment(
     name: str,
     base: RunConfig,
@@ -161,13 +180,13 @@ def run_experiment(
     full: bool = False,
     mix_tolerance: float = DEFAULT_MIX_TOLERANCE,
 ) -> list[dict[str, Any]]:
-    """Train (or reuse) every run of experiment ``name`` and write its table, summary and plot."""
+    """Train (or reuse) every run of experiment ``name`` over ``base`` (see :func:`experiment_base`) and
+    write its table, summary and plot."""
     if name not in EXPERIMENTS:
         raise DepthgrowError(f"unknown experiment {name!r}; choose one of: {', '.join(EXPERIMENTS)}")
     experiment = EXPERIMENTS[name]
     out = Path(out)
     store = out / "runs"
-    base = base.with_overrides(experiment.base(full))
     rows, logs = [], {}
     for variant in experiment.variants(full, base):
         config = _stored(base.with_overrides(variant.overrides), store, variant.label)

@@ -4,7 +4,7 @@ import pytest
 
 from depthgrow import load_config
 from depthgrow.cli import main
-from depthgrow.experiments import EXPERIMENTS, config_hash
+from depthgrow.experiments import DEFAULT_GRID, EXPERIMENTS, config_hash, experiment_base
 
 TINY = [
     "--model", "gpt2-test", "--model.n_layer=4", "--train.steps=40", "--train.batch_size=4",
@@ -16,7 +16,8 @@ TINY = [
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
 def test_every_variant_of_every_grid_is_a_valid_config(name, full):
     experiment = EXPERIMENTS[name]
-    base = load_config().with_overrides(experiment.base(full))
+    base = experiment_base(name, full=full)
+    assert base.train.steps == (load_config().train.steps if full else int(DEFAULT_GRID["train.steps"]))
     variants = experiment.variants(full, base)
     assert len({v.label for v in variants}) == len(variants)
     configs = [base.with_overrides(v.overrides) for v in variants]
@@ -46,9 +47,10 @@ def test_config_hash_ignores_the_output_folder_only():
 @pytest.mark.parametrize("name", ["init", "timing", "sources", "lr"])
 def test_an_experiment_runs_end_to_end_on_a_tiny_grid(tmp_path, capsys, name):
     out = tmp_path / "results"
-    assert main(["experiment", name, *TINY, "--out", str(out)]) == 0
+    depth = ["--model.n_layer=8"] if name == "sources" else []  # sources up to 4 need a deeper target
+    assert main(["experiment", name, *TINY, *depth, "--out", str(out)]) == 0
     rows = json.loads((out / name / "summary.json").read_text())
-    assert len(rows) == len(EXPERIMENTS[name].variants(False, load_config()))
+    assert len(rows) == len(EXPERIMENTS[name].variants(False, experiment_base(name)))
     for row in rows:
         assert row["gap_pct"] == pytest.approx(100 * (row["final_val_loss"] / row["baseline_val_loss"] - 1))
         assert 0 < row["compute_fraction"] < 1
@@ -61,7 +63,7 @@ def test_an_experiment_runs_end_to_end_on_a_tiny_grid(tmp_path, capsys, name):
         assert len({r["baseline_val_loss"] for r in rows}) == 3
         assert sorted({r["x"] for r in rows}) == pytest.approx([1.5e-3, 3e-3, 6e-3])
     capsys.readouterr()
-    assert main(["experiment", name, *TINY, "--out", str(out)]) == 0  # a rerun trains nothing
+    assert main(["experiment", name, *TINY, *depth, "--out", str(out)]) == 0  # a rerun trains nothing
     assert "step 40/40" not in capsys.readouterr().err
     assert json.loads((out / name / "summary.json").read_text()) == rows
 
@@ -70,3 +72,9 @@ def test_an_unknown_experiment_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["experiment", "nonsense"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_user_overrides_win_over_the_grid_and_the_experiment(tmp_path):
+    base = experiment_base("sources", overrides={"train.steps": "77", "model.n_layer": "6"})
+    assert (base.train.steps, base.model.n_layer) == (77, 6)
+    assert experiment_base("sources").model.n_layer == 8
