@@ -7,7 +7,7 @@ and finish as good as a model trained at full depth all along, for a fraction of
 from depthgrow.config import RunConfig, load_config
 from depthgrow.errors import DepthgrowError
 from depthgrow.growth import INITS, GrowthConfig, grow
-from depthgrow.models import GPT2, GPT2Config, Llama, LlamaConfig, MoE, MoEConfig, build_model
+from depthgrow.models import GPT2, GPT2Config, Llama, LlamaConfig, MoE, MoEConfig, ResNet, ResNetConfig, build_model
 from depthgrow.optim import NormalizedSGD, OptimConfig, OptimizerChain, build_optimizer
 from depthgrow.presets import PRESETS, preset
 from depthgrow.schedule import GrowthPlan, ScheduleConfig, growth_plan, lr_multiplier
@@ -28,6 +28,8 @@ __all__ = [
     "NormalizedSGD",
     "OptimConfig",
     "OptimizerChain",
+    "ResNet",
+    "ResNetConfig",
     "RunConfig",
     "RunResult",
     "ScheduleConfig",

@@ -214,10 +214,12 @@ def make_batches(model: ModelConfig, data: DataConfig, *, batch_size: int, eval_
         from depthgrow.vision import ImageBatches, load_images
 
         images = load_images(data.path, data.val_fraction)
-        if (images.channels, images.num_classes) != (model.in_channels, model.num_classes):
+        shape = (images.channels, images.size)
+        if shape != (model.in_channels, model.image_size) or images.num_classes > model.num_classes:
             raise DepthgrowError(
-                f"data {images.source} has {images.channels} channel(s) and {images.num_classes} classes, but the "
-                f"model takes {model.in_channels} and {model.num_classes}; pick a preset for these images"
+                f"data {images.source} has {images.channels}-channel {images.size}x{images.size} images of "
+                f"{images.num_classes} classes, but the model takes {model.in_channels}-channel "
+                f"{model.image_size}x{model.image_size} images of {model.num_classes}; pick a preset for these images"
             )
         return ImageBatches(images, batch_size=batch_size, eval_batches=eval_batches, seed=seed, augment=data.augment)
     tokens = load_data(data)

@@ -1,6 +1,7 @@
 """Named model configs. The CPU-sized ones use the byte-level vocabulary (256) of the embedded corpus;
 the paper-sized ones use the vocabulary of the model they stand for (GPT-2's 50257 BPE tokens with a
-1024-token context, LLaMA-3's 128256 or DeepSeek-V3's 129280 with a 2048-token context)."""
+1024-token context, LLaMA-3's 128256 or DeepSeek-V3's 129280 with a 2048-token context). The ResNets
+classify images: scikit-learn's 8x8 digits on the CPU, CIFAR-10 for the paper's."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from depthgrow.models import ModelConfig
 from depthgrow.models.gpt2 import GPT2Config
 from depthgrow.models.llama import LlamaConfig
 from depthgrow.models.moe import MoEConfig
+from depthgrow.models.resnet import ResNetConfig
 
 PRESETS: dict[str, ModelConfig] = {
     # a few thousand parameters per block: for tests and smoke runs
@@ -74,6 +76,16 @@ PRESETS: dict[str, ModelConfig] = {
     "deepseek-v3-500m": MoEConfig(  # 498.9M active, 2688.3M total, zero-layer 132.4M
         n_layer=24, n_embd=1024, n_head=16, n_kv_head=4, n_expert=64, top_k=6, n_shared_expert=2, expert_hidden=512
     ),
+    # CIFAR-style ResNets; n_layer is blocks per stage (3 stages). Total parameters, and of the zero-layer
+    # model (stem, two transitions, classifier):
+    "resnet-test": ResNetConfig(n_layer=1, width=4, in_channels=1, image_size=8),  # 7.9K, zero-layer 1.7K
+    # the embedded-default demo on scikit-learn's 8x8 digits, trains in minutes on 2 CPU cores
+    "resnet-digits": ResNetConfig(n_layer=4, width=16, in_channels=1, image_size=8),  # 412.9K, zero-layer 24.1K
+    # He et al.'s CIFAR-10 depths 6n + 2; each has two more convs than the original (the stride-2
+    # transitions, which replace the projection shortcuts), hence 0.32M rather than 0.27M for ResNet-20
+    "resnet20": ResNetConfig(n_layer=3),  # 316.0K, zero-layer 24.3K
+    "resnet56": ResNetConfig(n_layer=9),  # 899.3K, zero-layer 24.3K
+    "resnet110": ResNetConfig(n_layer=18),  # 1774.2K, zero-layer 24.3K
 }
 
 

@@ -104,11 +104,11 @@ def evaluate(
     for x, y in batches:
         logits = model(x.to(device))
         y = y.to(device)
-        loss += loss_fn(logits, y).item()
+        loss += loss_fn(logits, y).item() * y.numel()  # weighted: the last image batch may be smaller
         correct += (logits.argmax(dim=-1) == y).sum().item()
         count += y.numel()
     model.train()
-    return loss / len(batches), correct / count
+    return loss / count, correct / count
 
 
 class _StopRequest:

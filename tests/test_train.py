@@ -174,3 +174,28 @@ def test_a_checkpoint_before_the_first_step_holds_no_optimizer_state(tmp_path):
     assert payload["optimizer"] is None and all(not opt.state for opt in optimizer.optimizers)
     restore_training_state(model, optimizer, payload)
     assert all(not opt.state for opt in optimizer.optimizers)
+
+
+def test_an_image_model_trains_grows_and_resumes_exactly(tmp_path):
+    def config(name):
+        return load_config(
+            None,
+            {
+                "model.preset": "resnet-test", "train.steps": "30", "train.batch_size": "16",
+                "train.eval_every": "10", "train.eval_batches": "2", "growth.source_depth": "0",
+                "growth.at": "0.5", "growth.init": "random", "train.out_dir": str(tmp_path / name),
+            },
+        )  # fmt: skip
+
+    full = train(config("full"))
+    assert full.finished and full.state.depth == 1
+    evals = records(full.out_dir, "eval")
+    assert evals[-1]["images"] == 30 * 16 and 0.0 <= evals[-1]["val_accuracy"] <= 1.0
+    train(config("resumed"), stop_at=20)
+    resumed = train(config("resumed"), resume=True)
+    assert resumed.final_val_loss == full.final_val_loss  # BatchNorm running statistics included
+
+
+def test_images_the_model_cannot_take_are_refused(tmp_path):
+    with pytest.raises(DepthgrowError, match="1-channel 8x8 images"):
+        train(load_config(None, {"model.preset": "resnet20", "train.out_dir": str(tmp_path)}))

@@ -9,11 +9,13 @@ from depthgrow.models.base import GrowableModel, ModelConfig
 from depthgrow.models.gpt2 import GPT2, GPT2Config
 from depthgrow.models.llama import Llama, LlamaConfig
 from depthgrow.models.moe import MoE, MoEConfig
+from depthgrow.models.resnet import ResNet, ResNetConfig
 
 FAMILIES: dict[str, tuple[type[ModelConfig], type[nn.Module]]] = {
     GPT2Config.family: (GPT2Config, GPT2),
     LlamaConfig.family: (LlamaConfig, Llama),
     MoEConfig.family: (MoEConfig, MoE),
+    ResNetConfig.family: (ResNetConfig, ResNet),
 }
 
 
@@ -38,5 +40,7 @@ __all__ = [
     "MoE",
     "MoEConfig",
     "ModelConfig",
+    "ResNet",
+    "ResNetConfig",
     "build_model",
 ]
