@@ -2,8 +2,9 @@
 
 Each model family maps onto one ``transformers`` architecture through an :class:`Adapter` in
 :data:`ADAPTERS`, keyed by the depthgrow family: the config mapping both ways and the state-dict mapping
-both ways. GPT-2 maps onto ``GPT2LMHeadModel``; another family (LLaMA onto ``LlamaForCausalLM``, an MoE
-onto its ``transformers`` counterpart) is one more entry.
+both ways. GPT-2 maps onto ``GPT2LMHeadModel``, LLaMA onto ``LlamaForCausalLM`` and the mixture of experts
+onto ``Glm4MoeForCausalLM`` (the one ``transformers`` class with its structure: see :mod:`depthgrow.models.moe`);
+another family is one more entry.
 
 ``transformers`` and ``safetensors`` are the optional ``export`` extra: depthgrow imports without them,
 and only the functions here that need them import them.
@@ -25,7 +26,8 @@ from torch import nn
 from depthgrow.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from depthgrow.config import RunConfig
 from depthgrow.errors import DepthgrowError
-from depthgrow.models import FAMILIES, GPT2Config, ModelConfig
+from depthgrow.models import FAMILIES, GPT2Config, LlamaConfig, ModelConfig, MoEConfig
+from depthgrow.models.llama import DecoderConfig
 from depthgrow.train import SUMMARY_NAME
 
 if TYPE_CHECKING:
@@ -35,6 +37,7 @@ StateDict = dict[str, torch.Tensor]
 
 MISSING_EXTRA = "export needs transformers and safetensors: pip install 'depthgrow[export]'"
 CARD_NAME = "README.md"
+_HEAD = "lm_head.weight"  # the LM head in every depthgrow family and in the transformers classes they map onto
 
 
 def _transformers() -> ModuleType:
@@ -46,6 +49,32 @@ def _transformers() -> ModuleType:
     return transformers
 
 
+def _transformers_5() -> ModuleType:
+    transformers = _transformers()
+    # transformers 4 reads the rotary base from rope_theta and would silently ignore rope_parameters (a model
+    # with the wrong positions), and it keeps MoE experts unfused
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise DepthgrowError(
+            f"LLaMA and MoE export needs transformers >= 5, found {transformers.__version__}: "
+            "pip install -U transformers"
+        )
+    return transformers
+
+
+def _refuse(name: str, problems: list[str]) -> None:
+    if problems:
+        raise DepthgrowError(f"this {name} differs from depthgrow's: " + "; ".join(problems))
+
+
+def _with_tied_head(state: StateDict, embedding: str) -> StateDict:
+    # HF's state dict lists a tied head under its own name too, as the same tensor as the embedding
+    return {**state, _HEAD: state[embedding]}
+
+
+def _without_head(hf: StateDict) -> StateDict:
+    return {name: tensor for name, tensor in hf.items() if name != _HEAD}
+
+
 @dataclass(frozen=True)
 class Adapter:
     """How one depthgrow family maps onto one ``transformers`` architecture."""
@@ -53,8 +82,9 @@ class Adapter:
     model_type: str  # transformers' config.model_type: finds the adapter of a saved folder on import
     to_hf_config: Callable[[ModelConfig], PretrainedConfig]
     from_hf_config: Callable[[PretrainedConfig], ModelConfig]
-    to_hf: Callable[[StateDict], StateDict]
-    from_hf: Callable[[StateDict], StateDict]
+    # the state-dict mappings, given the depthgrow config (of the exported model; of the import)
+    to_hf: Callable[[ModelConfig, StateDict], StateDict]
+    from_hf: Callable[[ModelConfig, StateDict], StateDict]
     # sentences for the model card about where the export differs in form from the depthgrow model
     card_notes: Callable[[ModelConfig], list[str]] = field(default=lambda config: [])
 
@@ -64,7 +94,6 @@ class Adapter:
 # HF GPT-2 keeps these four projections as Conv1D, whose weight is stored (in, out): nn.Linear's transposed
 _GPT2_CONV1D = re.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
 _GPT2_EMBEDDINGS = ("transformer.wte.weight", "transformer.wpe.weight")
-_GPT2_HEAD = "lm_head.weight"
 _GPT2_END_OF_TEXT = 50256  # <|endoftext|> in GPT-2's BPE vocabulary
 _GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both the tanh-approximated GELU depthgrow uses
 _LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which depthgrow's GPT-2 uses
@@ -111,8 +140,7 @@ def _gpt2_from_hf_config(hf: PretrainedConfig) -> GPT2Config:
     dropouts = {hf.resid_pdrop, hf.embd_pdrop, hf.attn_pdrop}
     if len(dropouts) > 1:
         problems.append(f"its dropout rates differ (resid/embd/attn {hf.resid_pdrop}/{hf.embd_pdrop}/{hf.attn_pdrop})")
-    if problems:
-        raise DepthgrowError("this GPT-2 differs from depthgrow's: " + "; ".join(problems))
+    _refuse("GPT-2", problems)
     return GPT2Config(
         n_layer=hf.n_layer,
         n_embd=hf.n_embd,
@@ -125,7 +153,7 @@ def _gpt2_from_hf_config(hf: PretrainedConfig) -> GPT2Config:
     )
 
 
-def _gpt2_to_hf(state: StateDict) -> StateDict:
+def _gpt2_to_hf(config: GPT2Config, state: StateDict) -> StateDict:
     hf = {}
     for name, tensor in state.items():
         hf[name] = tensor.t().contiguous() if _GPT2_CONV1D.fullmatch(name) else tensor
@@ -134,16 +162,14 @@ def _gpt2_to_hf(state: StateDict) -> StateDict:
             # a bias=False model: HF's GPT-2 has no switch for biases, and a zero bias adds nothing, so the
             # export computes exactly the function of the depthgrow model (the card says so)
             hf[bias] = tensor.new_zeros(tensor.shape[0])
-    hf[_GPT2_HEAD] = state["transformer.wte.weight"]  # tied: HF lists the head under its own name too
-    return hf
+    return _with_tied_head(hf, "transformer.wte.weight")
 
 
-def _gpt2_from_hf(hf: StateDict) -> StateDict:
+def _gpt2_from_hf(config: GPT2Config, hf: StateDict) -> StateDict:
     # the head is the token embedding (from_hf_config refuses an untied one); depthgrow keeps it once
     return {
         name: tensor.t().contiguous() if _GPT2_CONV1D.fullmatch(name) else tensor
-        for name, tensor in hf.items()
-        if name != _GPT2_HEAD
+        for name, tensor in _without_head(hf).items()
     }
 
 
@@ -157,6 +183,217 @@ def _gpt2_card_notes(config: GPT2Config) -> list[str]:
     ]
 
 
+# --- LLaMA-style decoders: what LlamaForCausalLM and Glm4MoeForCausalLM share ---
+
+# depthgrow's decoders take their parameter names from these two classes: nothing is renamed; only a tied
+# head (and the MoE's experts, which HF fuses) differ between the two state dicts
+_DECODER_EMBEDDING = "model.embed_tokens.weight"
+
+
+def _decoder_hf_fields(config: DecoderConfig, **rope: float) -> dict[str, Any]:
+    """The config fields of both HF decoders for depthgrow's decoder (attention, norms, positions, head);
+    ``rope`` adds to the rotary parameters."""
+    return dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.n_embd,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=config.n_kv_head,
+        max_position_embeddings=config.block_size,
+        rms_norm_eps=config.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta, **rope},
+        tie_word_embeddings=config.tie_embeddings,
+        hidden_act="silu",
+        attention_bias=False,
+        attention_dropout=0.0,
+        initializer_range=config.init_std,
+        # the model config does not say which tokenizer made the ids, so no special token is named (HF
+        # LLaMA's defaults, 1 and 2, are ids of LLaMA-1's vocabulary)
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+
+
+def _decoder_problems(hf: PretrainedConfig) -> list[str]:
+    """What depthgrow's decoder cannot express in the fields both HF decoders share."""
+    problems = []
+    if hf.hidden_act != "silu":
+        problems.append(f"hidden_act is {hf.hidden_act!r}, not 'silu' (SwiGLU)")
+    rope_type = hf.rope_parameters.get("rope_type", "default")
+    if rope_type != "default":
+        problems.append(f"its rotary embedding is scaled ({rope_type!r}), not plain RoPE")
+    if hf.attention_bias:
+        problems.append("its attention projections have biases")
+    if hf.attention_dropout:
+        problems.append(f"it has attention dropout ({hf.attention_dropout})")
+    head_dim = getattr(hf, "head_dim", None)
+    if head_dim not in (None, hf.hidden_size // hf.num_attention_heads):
+        problems.append(f"head_dim is {head_dim}, not hidden_size / num_attention_heads")
+    return problems
+
+
+def _decoder_fields(hf: PretrainedConfig) -> dict[str, Any]:
+    """The :class:`DecoderConfig` fields of an HF decoder's config."""
+    return dict(
+        n_layer=hf.num_hidden_layers,
+        n_embd=hf.hidden_size,
+        n_head=hf.num_attention_heads,
+        n_kv_head=hf.num_key_value_heads,
+        block_size=hf.max_position_embeddings,
+        vocab_size=hf.vocab_size,
+        rope_theta=float(hf.rope_parameters["rope_theta"]),
+        norm_eps=hf.rms_norm_eps,
+        tie_embeddings=hf.tie_word_embeddings,
+        init_std=hf.initializer_range,
+    )
+
+
+def _decoder_to_hf(config: DecoderConfig, state: StateDict) -> StateDict:
+    # a tied depthgrow model has no lm_head entry; HF's strict load wants one
+    return _with_tied_head(state, _DECODER_EMBEDDING) if config.tie_embeddings else dict(state)
+
+
+def _decoder_from_hf(config: DecoderConfig, hf: StateDict) -> StateDict:
+    return _without_head(hf) if config.tie_embeddings else dict(hf)
+
+
+# --- LLaMA -> LlamaForCausalLM ---
+
+
+def _llama_to_hf_config(config: LlamaConfig) -> PretrainedConfig:
+    return _transformers_5().LlamaConfig(
+        **_decoder_hf_fields(config),
+        head_dim=config.head_dim,
+        intermediate_size=config.ffn_size,
+        mlp_bias=False,
+    )
+
+
+def _llama_from_hf_config(hf: PretrainedConfig) -> LlamaConfig:
+    _transformers_5()
+    problems = _decoder_problems(hf)
+    if hf.mlp_bias:
+        problems.append("its feed-forward projections have biases")
+    _refuse("LLaMA", problems)
+    # ffn_hidden set even where LLaMA's rule would give the same size: the config then says it as HF does
+    return LlamaConfig(**_decoder_fields(hf), ffn_hidden=hf.intermediate_size)
+
+
+# --- MoE -> Glm4MoeForCausalLM ---
+
+_SWIGLU = ("gate", "up", "down")
+
+
+def _moe_to_hf_config(config: MoEConfig) -> PretrainedConfig:
+    if config.n_expert < 2:
+        # its router sums the top 2 scores of each expert group (n_group=1: all experts) even when it
+        # cannot use them, and fails with fewer experts
+        raise DepthgrowError(
+            f"Hugging Face's Glm4Moe cannot route among {config.n_expert} expert: it needs model.n_expert >= 2"
+        )
+    return _transformers_5().Glm4MoeConfig(
+        # Glm4Moe's default rotates half of each head (GLM's partial RoPE); depthgrow rotates all of it
+        **_decoder_hf_fields(config, partial_rotary_factor=1.0),
+        n_routed_experts=config.n_expert,
+        num_experts_per_tok=config.top_k,
+        n_shared_experts=config.n_shared_expert,
+        moe_intermediate_size=config.expert_hidden,
+        first_k_dense_replace=0,  # every block routed; GLM's first block is dense
+        intermediate_size=config.expert_hidden,  # of those dense blocks' feed-forward, so unused
+        # one expert group that is always chosen: top-k over all experts, as depthgrow's router
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.0,
+        use_qk_norm=False,
+        num_nextn_predict_layers=0,  # no multi-token-prediction layers
+    )
+
+
+def _moe_from_hf_config(hf: PretrainedConfig) -> MoEConfig:
+    _transformers_5()
+    problems = _decoder_problems(hf)
+    rotated = hf.rope_parameters.get("partial_rotary_factor", 1.0)
+    if rotated != 1.0:
+        problems.append(f"its rotary embedding turns {rotated} of each head, not all of it")
+    if hf.first_k_dense_replace:
+        problems.append(f"its first {hf.first_k_dense_replace} blocks have a dense feed-forward")
+    if hf.use_qk_norm:
+        problems.append("it normalises queries and keys")
+    if hf.topk_group != hf.n_group:  # equal: every group is chosen, so the groups do not restrict the choice
+        problems.append(f"it routes within the best {hf.topk_group} of {hf.n_group} expert groups")
+    if not hf.norm_topk_prob:
+        problems.append("the weights of the chosen experts are not normalised to sum to 1")
+    if hf.routed_scaling_factor != 1.0:
+        problems.append(f"the routed experts' output is scaled by {hf.routed_scaling_factor}")
+    _refuse("Glm4Moe", problems)
+    # balance_rate is not in HF's config (HF does not train the balancing bias): depthgrow's default
+    return MoEConfig(
+        **_decoder_fields(hf),
+        n_expert=hf.n_routed_experts,
+        top_k=hf.num_experts_per_tok,
+        n_shared_expert=hf.n_shared_experts,
+        expert_hidden=hf.moe_intermediate_size,
+    )
+
+
+def _moe_to_hf(config: MoEConfig, state: StateDict) -> StateDict:
+    """Fuse each block's experts as HF keeps them in memory: ``experts.gate_up_proj`` (E, 2h, d), each
+    expert's gate rows then its up rows (HF splits the fused output in that order), and ``experts.down_proj``
+    (E, d, h). ``save_pretrained`` writes them back per expert, under depthgrow's names."""
+    hf = _decoder_to_hf(config, state)
+    for i in range(config.n_layer):
+        mlp = f"model.layers.{i}.mlp"
+        gate, up, down = (
+            [hf.pop(f"{mlp}.experts.{j}.{kind}_proj.weight") for j in range(config.n_expert)] for kind in _SWIGLU
+        )
+        hf[f"{mlp}.experts.gate_up_proj"] = torch.stack([torch.cat(pair) for pair in zip(gate, up, strict=True)])
+        hf[f"{mlp}.experts.down_proj"] = torch.stack(down)
+        if not config.n_shared_expert:
+            # HF always has a shared expert, of width n_shared_experts · moe_intermediate_size: here 0, and a
+            # SwiGLU of width 0 adds exactly 0, so the export computes what the depthgrow model does
+            d, like = config.n_embd, down[0]
+            for kind, shape in zip(_SWIGLU, [(0, d), (0, d), (d, 0)], strict=True):
+                hf[f"{mlp}.shared_experts.{kind}_proj.weight"] = like.new_zeros(shape)
+    return hf
+
+
+def _moe_from_hf(config: MoEConfig, hf: StateDict) -> StateDict:
+    state = _decoder_from_hf(config, hf)
+    h = config.expert_hidden
+    for i in range(config.n_layer):
+        mlp = f"model.layers.{i}.mlp"
+        gate_up, down = state.pop(f"{mlp}.experts.gate_up_proj"), state.pop(f"{mlp}.experts.down_proj")
+        for j in range(config.n_expert):
+            # copies: views would make every expert's parameters share one storage (safetensors refuses that)
+            # and keep the whole fused tensor alive
+            parts = (gate_up[j, :h], gate_up[j, h:], down[j])
+            for kind, tensor in zip(_SWIGLU, parts, strict=True):
+                state[f"{mlp}.experts.{j}.{kind}_proj.weight"] = tensor.clone()
+        if not config.n_shared_expert:
+            for kind in _SWIGLU:
+                del state[f"{mlp}.shared_experts.{kind}_proj.weight"]  # width 0: depthgrow has no module there
+    return state
+
+
+def _moe_card_notes(config: MoEConfig) -> list[str]:
+    notes = [
+        "The balancing bias of each block (`mlp.gate.e_score_correction_bias`) is exported, and Hugging Face's "
+        "Glm4Moe adds it to the sigmoid router scores to choose the experts (and only to choose them) as "
+        "depthgrow does, so both pick the same experts. Only depthgrow updates it during training: its step "
+        f"`balance_rate` ({config.balance_rate}) is not carried (an import into depthgrow takes the default), "
+        "nor are the per-expert token counts (`tokens_per_expert`), which only log expert usage."
+    ]
+    if not config.n_shared_expert:
+        notes.append(
+            "The depthgrow model has no shared expert (`model.n_shared_expert = 0`). Hugging Face's Glm4Moe always "
+            "has one, so this export's has width 0 (`n_shared_experts: 0`): it adds nothing, and the model "
+            "computes exactly what the depthgrow model did."
+        )
+    return notes
+
+
 ADAPTERS: dict[str, Adapter] = {
     GPT2Config.family: Adapter(
         model_type="gpt2",
@@ -165,6 +402,21 @@ ADAPTERS: dict[str, Adapter] = {
         to_hf=_gpt2_to_hf,
         from_hf=_gpt2_from_hf,
         card_notes=_gpt2_card_notes,
+    ),
+    LlamaConfig.family: Adapter(
+        model_type="llama",
+        to_hf_config=_llama_to_hf_config,
+        from_hf_config=_llama_from_hf_config,
+        to_hf=_decoder_to_hf,
+        from_hf=_decoder_from_hf,
+    ),
+    MoEConfig.family: Adapter(
+        model_type="glm4_moe",
+        to_hf_config=_moe_to_hf_config,
+        from_hf_config=_moe_from_hf_config,
+        to_hf=_moe_to_hf,
+        from_hf=_moe_from_hf,
+        card_notes=_moe_card_notes,
     ),
 }
 
@@ -183,9 +435,10 @@ def adapter_for(family: str) -> Adapter:
 
 def _to_hf_model(config: ModelConfig, state: StateDict) -> PreTrainedModel:
     """The ``transformers`` model of a depthgrow model's config and state dict, to save: it holds the same
-    tensors (transposed ones copied) rather than a second set of weights. Buffers stay on the meta device
-    (transformers 4.x's GPT-2 has non-persistent causal-mask buffers; 5.x none), so it is fit for
-    ``save_pretrained``, which writes parameters only, but not for running."""
+    tensors (transposed or fused ones copied) rather than a second set of weights. Non-persistent buffers stay
+    on the meta device (transformers 4.x's GPT-2 causal masks, the rotary frequencies of LLaMA and Glm4Moe),
+    so it is fit for ``save_pretrained``, which writes parameters and persistent buffers only, but not for
+    running."""
     adapter = adapter_for(config.family)
     transformers = _transformers()
     hf_config = adapter.to_hf_config(config)
@@ -193,7 +446,7 @@ def _to_hf_model(config: ModelConfig, state: StateDict) -> PreTrainedModel:
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(hf_config)
     try:
-        model.load_state_dict(adapter.to_hf(state), strict=True, assign=True)
+        model.load_state_dict(adapter.to_hf(config, state), strict=True, assign=True)
     except RuntimeError as error:
         raise DepthgrowError(f"the weights do not match the {config.family} config: {_first_line(error)}") from None
     # assignment gives the head and the embedding separate parameters; tying makes them one again
@@ -239,8 +492,11 @@ def import_pretrained(hf_dir: str | Path) -> tuple[ModelConfig, nn.Module]:
             f"no depthgrow family for Hugging Face model type {hf_config.model_type!r}; known: {known}"
         )
     config = adapter.from_hf_config(hf_config)
+    problems = config.problems()
+    if problems:
+        raise DepthgrowError(f"{hf_dir} is not a valid depthgrow {config.family} model: {'; '.join(problems)}")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, config=hf_config, local_files_only=True)
-    state = adapter.from_hf(hf_model.state_dict())
+    state = adapter.from_hf(config, hf_model.state_dict())
     del hf_model
     _, model_class = FAMILIES[config.family]
     with torch.device("meta"):
@@ -249,6 +505,13 @@ def import_pretrained(hf_dir: str | Path) -> tuple[ModelConfig, nn.Module]:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:
         raise DepthgrowError(f"{hf_dir} does not match its config: {_first_line(error)}") from None
+    # buffers outside the state dict (the MoE's expert-usage counts) are still on the meta device: they start
+    # from zero, as in a freshly initialised block
+    device = next(iter(state.values())).device
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_meta:
+                setattr(module, name, torch.zeros_like(buffer, device=device))
     return config, model
 
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import sys
 
@@ -5,23 +6,28 @@ import pytest
 import torch
 
 import depthgrow
-from depthgrow import GPT2Config, RunConfig, build_model
+from depthgrow import GPT2Config, RunConfig, build_model, preset
 from depthgrow.checkpoint import save_checkpoint
 from depthgrow.cli import main
 from depthgrow.export import ADAPTERS, export_checkpoint, import_pretrained
+from depthgrow.models import MoEConfig
 
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("safetensors")
+safetensors = pytest.importorskip("safetensors")
 
 
 def perturbed_model(config, seed=0):
-    """A depthgrow model whose every parameter is random: a fresh init has zero biases and unit LayerNorm
-    gains, which would hide a bias or norm left out or misplaced by the conversion."""
+    """A depthgrow model whose every parameter is random: a fresh init has zero biases, unit norm gains and
+    (MoE) a zero balancing bias, which would hide a bias, norm or routing left out or misplaced by the
+    conversion."""
     model = build_model(config, seed=seed)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=generator))
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
     return model.eval()
 
 
@@ -50,6 +56,25 @@ def depthgrow_logits(model, tokens):
 TOKENS = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
 
 
+def assert_imports_back(out, config, model, expected):
+    """import_pretrained of an export gives the depthgrow config, bit-identical parameters and buffers, and
+    the same logits."""
+    imported_config, imported = import_pretrained(out)
+    assert imported_config == config
+    original = model.state_dict()
+    assert imported.state_dict().keys() == original.keys()
+    for name, tensor in imported.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+        assert tensor.is_contiguous(), name
+    assert all(p.requires_grad for p in imported.parameters())
+    # each its own storage: no views into a fused HF tensor (safetensors refuses to save shared storage)
+    storages = {p.untyped_storage().data_ptr() for p in imported.parameters()}
+    assert len(storages) == len(list(imported.parameters()))
+    assert not any(b.is_meta for b in imported.buffers())
+    assert torch.equal(depthgrow_logits(imported, TOKENS), expected)
+    return imported
+
+
 @pytest.mark.parametrize("depth", [0, 1, 3])
 def test_exported_gpt2_matches_depthgrow_and_round_trips(tmp_path, depth):
     config = GPT2Config(n_layer=depth, n_embd=32, n_head=4, block_size=16, vocab_size=256, dropout=0.1, init_std=0.03)
@@ -67,15 +92,81 @@ def test_exported_gpt2_matches_depthgrow_and_round_trips(tmp_path, depth):
     assert hf_config["resid_pdrop"] == hf_config["attn_pdrop"] == hf_config["embd_pdrop"] == 0.1
     assert hf_config["bos_token_id"] is None  # the byte vocabulary has no <|endoftext|>
 
-    imported_config, imported = import_pretrained(out)
-    assert imported_config == config
-    original = model.state_dict()
-    assert imported.state_dict().keys() == original.keys()
-    for name, tensor in imported.state_dict().items():
-        assert torch.equal(tensor, original[name]), name
-        assert tensor.is_contiguous(), name
-    assert all(p.requires_grad for p in imported.parameters())
-    assert torch.equal(depthgrow_logits(imported, TOKENS), expected)
+    assert_imports_back(out, config, model, expected)
+
+
+def decoder_variants() -> list:
+    """llama-test and moe-test as they are, and with the head tied the other way and (MoE) no shared expert;
+    weights large enough (init_std 0.3) that attention is far from uniform and the logits are O(1)."""
+    variants = []
+    for name in ("llama-test", "moe-test"):
+        config = dataclasses.replace(preset(name), init_std=0.3)
+        other = {"tie_embeddings": not config.tie_embeddings}
+        if isinstance(config, MoEConfig):
+            other["n_shared_expert"] = 0
+        variants += [config, dataclasses.replace(config, **other)]
+    return variants
+
+
+def decoder_id(config) -> str:
+    shared = f"-shared{config.n_shared_expert}" if isinstance(config, MoEConfig) else ""
+    return f"{config.family}-{'tied' if config.tie_embeddings else 'untied'}{shared}"
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+@pytest.mark.parametrize("variant", decoder_variants(), ids=decoder_id)
+def test_exported_llama_and_moe_match_depthgrow_and_round_trip(tmp_path, variant, depth):
+    config = variant.with_depth(depth)
+    model = perturbed_model(config, seed=depth)
+    out = export_checkpoint(write_checkpoint(tmp_path / "checkpoint.pt", config, model), tmp_path / "hf")
+
+    expected = depthgrow_logits(model, TOKENS)
+    assert expected.abs().max().item() > 1.0
+    difference = (hf_logits(out, TOKENS) - expected).abs().max().item()
+    assert difference < 1e-4, difference
+
+    hf_config = json.loads((out / "config.json").read_text())
+    assert hf_config["num_hidden_layers"] == depth and hf_config["max_position_embeddings"] == 32
+    assert hf_config["tie_word_embeddings"] == config.tie_embeddings
+    assert hf_config["rope_parameters"]["rope_type"] == "default"
+    assert hf_config["rope_parameters"]["rope_theta"] == config.rope_theta
+    assert hf_config["bos_token_id"] is None and hf_config["eos_token_id"] is None
+    if isinstance(config, MoEConfig):
+        assert hf_config["architectures"] == ["Glm4MoeForCausalLM"]
+        assert hf_config["rope_parameters"]["partial_rotary_factor"] == 1.0 and hf_config["first_k_dense_replace"] == 0
+        assert (hf_config["n_routed_experts"], hf_config["num_experts_per_tok"]) == (4, 2)
+        assert hf_config["n_shared_experts"] == config.n_shared_expert
+    else:
+        assert hf_config["architectures"] == ["LlamaForCausalLM"]
+        assert (hf_config["intermediate_size"], hf_config["head_dim"]) == (96, 8)
+    with safetensors.safe_open(out / "model.safetensors", "pt") as stored:
+        assert ("lm_head.weight" in stored.keys()) != config.tie_embeddings  # HF ties a tied head itself
+
+    imported = assert_imports_back(out, config, model, expected)
+    if isinstance(config, MoEConfig) and depth:
+        # the usage counts, not in any state dict, start from zero and count a training forward
+        imported.train()(TOKENS)
+        assert all(b.mlp.tokens_per_expert.sum() == TOKENS.numel() * 2 for b in imported.model.layers)
+
+
+def test_hugging_face_glm4_moe_chooses_the_same_experts(tmp_path):
+    config = dataclasses.replace(preset("moe-test"), init_std=0.3, n_expert=8)
+    model = perturbed_model(config)
+    out = export_checkpoint(write_checkpoint(tmp_path / "checkpoint.pt", config, model), tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    x = torch.randn(256, config.n_embd, generator=torch.Generator().manual_seed(4))
+    for ours, theirs in zip(model.model.layers, hf.model.layers, strict=True):
+        with torch.no_grad():
+            chosen, weights = ours.mlp.route(x)
+            _, hf_weights, hf_chosen = theirs.mlp.gate(x)
+            unbiased = torch.topk(torch.sigmoid(x @ ours.mlp.gate.weight.T), config.top_k).indices
+        # HF does not sort its choice: compare the chosen sets, each expert with its weight
+        chosen, order = chosen.sort(dim=-1)
+        hf_chosen, hf_order = hf_chosen.sort(dim=-1)
+        assert torch.equal(chosen, hf_chosen)
+        torch.testing.assert_close(weights.gather(1, order), hf_weights.gather(1, hf_order), rtol=0, atol=1e-6)
+        # the balancing bias changes the choice of some tokens: HF applies it as depthgrow does
+        assert not torch.equal(unbiased.sort(dim=-1).values, chosen)
 
 
 def test_bias_free_gpt2_exports_with_zero_biases(tmp_path):
@@ -96,9 +187,10 @@ def test_bias_free_gpt2_exports_with_zero_biases(tmp_path):
     assert torch.equal(depthgrow_logits(imported, TOKENS), expected)
 
 
-def test_export_of_a_trained_run_through_the_command_line(tmp_path, capsys):
+@pytest.mark.parametrize("name", ["gpt2-test", "llama-test", "moe-test"])
+def test_export_of_a_trained_run_through_the_command_line(tmp_path, capsys, name):
     run_dir = tmp_path / "run"
-    overrides = {"model.preset": "gpt2-test", "train.steps": "10", "train.batch_size": "2", "train.eval_every": "5"}
+    overrides = {"model.preset": name, "train.steps": "10", "train.batch_size": "2", "train.eval_every": "5"}
     overrides |= {
         "train.eval_batches": "1",
         "growth.source_depth": "0",
@@ -115,13 +207,15 @@ def test_export_of_a_trained_run_through_the_command_line(tmp_path, capsys):
     assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
 
     card = (out / "README.md").read_text()
-    assert "exported by depthgrow" in card and "preset `gpt2-test`) at depth 2" in card
+    assert "exported by depthgrow" in card and f"preset `{name}`) at depth 2" in card
     assert "after 10 of 10 training steps" in card and "0 -> 2 layers, growing at step 5" in card
     assert f"Final validation loss: {result.final_val_loss:.4f}." in card
     assert "raw UTF-8 bytes" in card and "no Hugging Face tokenizer" in card
+    if name == "moe-test":
+        assert "`balance_rate` (0.001) is not carried" in card and "`tokens_per_expert`" in card
 
     # the grown model from the checkpoint, against the export
-    trained = build_model(GPT2Config(n_layer=2, n_embd=32, n_head=2, block_size=32, vocab_size=256), seed=0)
+    trained = build_model(preset(name), seed=0)
     trained.load_state_dict(torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"])
     assert (hf_logits(out, TOKENS) - depthgrow_logits(trained, TOKENS)).abs().max().item() < 1e-4
 
@@ -183,3 +277,56 @@ def test_import_refuses_a_gpt2_depthgrow_cannot_express(tmp_path):
     transformers.GPT2LMHeadModel(hf_config).save_pretrained(tmp_path)
     with pytest.raises(depthgrow.DepthgrowError, match="gelu_new.*; its LM head is not tied"):
         import_pretrained(tmp_path)
+
+
+SMALL = dict(vocab_size=256, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+REFUSED = {
+    "llama": (
+        lambda: transformers.LlamaConfig(
+            **SMALL,
+            hidden_act="gelu",
+            rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+            attention_bias=True,
+            mlp_bias=True,
+        ),
+        "this LLaMA differs from depthgrow's: hidden_act is 'gelu', not 'silu' .SwiGLU.; its rotary embedding is "
+        "scaled .'linear'., not plain RoPE; its attention projections have biases; its feed-forward projections",
+    ),
+    # GLM-4.5's own settings: half of each head rotated, a dense first block, q/k norms, grouped routing
+    "glm4_moe": (
+        lambda: transformers.Glm4MoeConfig(
+            **SMALL, n_routed_experts=4, use_qk_norm=True, n_group=2, routed_scaling_factor=2.5, norm_topk_prob=False
+        ),
+        "this Glm4Moe differs from depthgrow's: its rotary embedding turns 0.5 of each head, not all of it; its "
+        "first 1 blocks have a dense feed-forward; it normalises queries and keys; it routes within the best 1 of 2 "
+        "expert groups; the weights of the chosen experts are not normalised to sum to 1; the routed experts' "
+        "output is scaled by 2.5",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_import_refuses_a_llama_or_moe_depthgrow_cannot_express(tmp_path, case):
+    make_config, message = REFUSED[case]
+    make_config().save_pretrained(tmp_path)  # refused from config.json alone, before any weight is read
+    with pytest.raises(depthgrow.DepthgrowError, match=message):
+        import_pretrained(tmp_path)
+
+
+def test_a_single_expert_moe_is_refused_with_one_line(tmp_path, capsys):
+    # HF's Glm4Moe router takes the top 2 expert scores of a group even with top_k = 1
+    config = dataclasses.replace(preset("moe-test"), n_expert=1, top_k=1)
+    source = write_checkpoint(tmp_path / "checkpoint.pt", config, build_model(config, seed=0))
+    assert main(["export", str(source), str(tmp_path / "hf")]) == 2
+    assert "Glm4Moe cannot route among 1 expert: it needs model.n_expert >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_llama_export_needs_transformers_5(tmp_path, monkeypatch):
+    # transformers 4 would take the rotary base from rope_theta and silently ignore rope_parameters
+    config = preset("llama-test")
+    source = write_checkpoint(tmp_path / "checkpoint.pt", config, build_model(config, seed=0))
+    # the module `import transformers` gives now: building some models makes transformers import itself anew
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.57.1")
+    with pytest.raises(depthgrow.DepthgrowError, match="needs transformers >= 5, found 4.57.1"):
+        export_checkpoint(source, tmp_path / "hf")

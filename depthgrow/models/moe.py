@@ -19,8 +19,8 @@ attention, which this model has not; the class with this exact structure is ``Gl
 ``n_group=topk_group=1``, ``norm_topk_prob=True``, ``routed_scaling_factor=1``. Its ``from_pretrained``
 loads these names as they are (it fuses the experts into ``experts.gate_up_proj`` (E, 2h, d) and
 ``experts.down_proj`` (E, d, h) itself); its shared experts are one SwiGLU of width
-``n_shared_expert · expert_hidden``, as here. What does not map: ``n_shared_expert=0`` (HF always has a
-shared-expert module, then of width 0), the usage counts (a non-persistent buffer) and ``balance_rate``
+``n_shared_expert · expert_hidden``, as here (``n_shared_expert=0`` exports as a shared expert of width 0,
+which adds nothing). What does not map: the usage counts (a non-persistent buffer) and ``balance_rate``
 (HF does not train the bias).
 """
 
