@@ -27,13 +27,13 @@ from depthgrow.optim import OptimConfig
 from depthgrow.presets import preset
 from depthgrow.schedule import GrowthPlan, ScheduleConfig, growth_plan
 
-DEFAULT_PRESET = "gpt2-tiny"
+DEFAULT_PRESET = "gpt2-micro"
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    steps: int = 4000  # T, the total number of optimizer steps
-    batch_size: int = 16  # sequences per step; tokens per step = batch_size * model.block_size
+    steps: int = 8000  # T, the total number of optimizer steps
+    batch_size: int = 32  # examples per step; tokens per step = batch_size * model.block_size
     seed: int = 0  # model init, new blocks at growth and the batch order all derive from it
     eval_every: int = 250  # steps between validation evaluations (also at the end and around growth)
     eval_batches: int = 20  # fixed held-out batches per evaluation

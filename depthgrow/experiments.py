@@ -45,7 +45,8 @@ class Experiment:
     question: str  # the paper's claim under test
     plot: PlotKind
     variants: Callable[[bool, RunConfig], list[Variant]]  # (full grid or not, base config) -> variants
-    base: Callable[[bool], dict[str, str]] = lambda full: {}  # overrides of the user's config
+    base: Callable[[bool], dict[str, str]] = lambda full: {}  # settings under the user's overrides
+    x_label: str = "expansion time (fraction of T)"  # what a sweep's x is
 
 
 def _growth(source: int, at: float, init: str = "random", **more: str) -> dict[str, str]:
@@ -93,6 +94,21 @@ def _optimizer_variants(full: bool, base: RunConfig) -> list[Variant]:
     ]
 
 
+def _horizon_variants(full: bool, base: RunConfig) -> list[Variant]:
+    """The same recipe run for more and more steps, so that more steps follow the expansion at 0.8 T."""
+    lengths = (2500, 5000, 10000, 20000) if full else (500, 1000, 2000)
+    return [
+        Variant(
+            f"{source} -> L T={steps}",
+            {**_growth(source, 0.8), "train.steps": str(steps)},
+            series=f"source {source}",
+            x=steps,
+        )  # fmt: skip
+        for source in (0, 1)
+        for steps in lengths
+    ]
+
+
 def _lr_variants(full: bool, base: RunConfig) -> list[Variant]:
     """Peak learning rates around the recipe's, for the fixed-depth baseline and the progressive runs."""
     factors = (0.25, 0.5, 1.0, 2.0, 4.0) if full else (0.5, 1.0, 2.0)
@@ -132,6 +148,13 @@ EXPERIMENTS: dict[str, Experiment] = {
             base=lambda full: {"model.n_layer": "8"},
         ),
         Experiment("optimizer", "AdamW against Muon-NSGD, fixed and progressive", "curves", _optimizer_variants),
+        Experiment(
+            "horizon",
+            "the gap closes as more steps follow the expansion (longer runs at the same tau)",
+            "sweep",
+            _horizon_variants,
+            x_label="total steps T (the expansion at 0.8 T)",
+        ),
         Experiment(
             "lr",
             "the peak learning rate, swept for the fixed-depth baseline and the progressive runs alike",
@@ -217,7 +240,7 @@ def run_experiment(
     else:
         title = f"{name}: {experiment.question}"
         if experiment.plot == "sweep":
-            plot.plot_sweep(rows, folder / "plot.png", title=title)
+            plot.plot_sweep(rows, folder / "plot.png", title=title, x_label=experiment.x_label)
         elif experiment.plot == "lr":
             plot.plot_lr(rows, folder / "plot.png", title=title)
         elif experiment.plot == "pareto":

@@ -33,7 +33,7 @@ OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    name: OptimizerName = "adamw"
+    name: OptimizerName = "muon-nsgd"
     lr: float | None = None  # peak learning rate, shared by every group; none: the optimizer's default
     weight_decay: float | None = None  # decoupled, on tensors of 2+ dims only; none: the optimizer's default
     beta1: float = 0.9  # AdamW

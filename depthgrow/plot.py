@@ -35,7 +35,9 @@ def plot_compare(logs: dict[str, list[dict[str, Any]]], path: str | Path, *, tit
     return _save(figure, path, title)
 
 
-def plot_sweep(rows: list[dict[str, Any]], path: str | Path, *, title: str) -> Path:
+def plot_sweep(
+    rows: list[dict[str, Any]], path: str | Path, *, title: str, x_label: str = "expansion time (fraction of T)"
+) -> Path:
     """Final gap and mixing time against the expansion time, one line per series (e.g. schedule)."""
     figure, (gap_axes, mix_axes) = plt.subplots(1, 2, figsize=(13, 5))
     for index, series in enumerate(dict.fromkeys(r["series"] for r in rows)):
@@ -51,7 +53,9 @@ def plot_sweep(rows: list[dict[str, Any]], path: str | Path, *, title: str) -> P
     gap_axes.set_ylabel("final validation loss gap to the fixed-depth run (%)")
     mix_axes.set_ylabel("steps after the expansion until within tolerance")
     for axes in (gap_axes, mix_axes):
-        axes.set_xlabel("expansion time (fraction of T)")
+        axes.set_xlabel(x_label)
+        if max(r["x"] for r in rows) / min(r["x"] for r in rows) > 10:
+            axes.set_xscale("log")
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
     return _save(figure, path, title)

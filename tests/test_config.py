@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from depthgrow.config import RunConfig, TrainConfig, config_differences, load_config, save_config
+from depthgrow.config import DEFAULT_PRESET, RunConfig, TrainConfig, config_differences, load_config, save_config
 from depthgrow.errors import DepthgrowError
 from depthgrow.optim import OPTIMIZER_DEFAULTS
 from depthgrow.presets import PRESETS
@@ -20,8 +20,8 @@ SHIPPED_CONFIGS = sorted(CONFIGS_DIR.glob("*.toml"))
 def test_default_config_is_valid():
     config = RunConfig()
     assert config.problems() == []
-    assert config.model_preset == "gpt2-tiny"
-    assert config.model == PRESETS["gpt2-tiny"]
+    assert config.model_preset == "gpt2-micro"
+    assert config.model == PRESETS["gpt2-micro"]
     assert config.model.n_layer == 4
     assert config.growth.source_depth is None  # a fixed-depth run
     assert config.data.path is None  # the embedded corpus
@@ -114,7 +114,7 @@ def test_saved_file_is_plain_toml_without_none(tmp_path):
     path = tmp_path / "config.toml"
     save_config(RunConfig(), path)
     raw = tomllib.loads(path.read_text())
-    assert raw["model"]["preset"] == "gpt2-tiny"
+    assert raw["model"]["preset"] == DEFAULT_PRESET
     assert raw["train"]["steps"] == TrainConfig().steps
     # TOML has no null: None values are left out
     assert "path" not in raw["data"]
@@ -186,13 +186,13 @@ def test_override_none_for_optional_fields(tmp_path):
 def test_override_model_field_keeps_preset():
     config = load_config(None, {"model.n_layer": "8"})
     assert config.model.n_layer == 8
-    tiny = PRESETS["gpt2-tiny"]
+    default = PRESETS[DEFAULT_PRESET]
     assert (config.model.n_embd, config.model.n_head, config.model.block_size) == (
-        tiny.n_embd,
-        tiny.n_head,
-        tiny.block_size,
+        default.n_embd,
+        default.n_head,
+        default.block_size,
     )
-    assert config.model_preset == "gpt2-tiny"
+    assert config.model_preset == DEFAULT_PRESET
 
 
 def test_override_preset_switch():
@@ -226,13 +226,13 @@ def test_override_preset_switch():
         ({"growth.init": "clone"}, ["growth.init", "copy_inter", "clone"]),
         ({"schedule.name": "step"}, ["schedule.name", "wsd"]),
         ({"data.tokenizer": "sentencepiece"}, ["data.tokenizer", "byte", "gpt2"]),
-        ({"growth.source_depth": "4"}, ["must increase", "4 -> 4"]),  # gpt2-tiny has n_layer 4
+        ({"growth.source_depth": "4"}, ["must increase", "4 -> 4"]),  # gpt2-micro has n_layer 4
         ({"growth.source_depth": "6"}, ["must increase", "6 -> 4"]),
         ({"growth.source_depth": "1", "growth.at": "5000", "train.steps": "5000"}, ["outside (0, T=5000)"]),
         ({"growth.source_depth": "1", "growth.at": "0", "train.steps": "100"}, ["outside (0, T=100)"]),
         ({"growth.source_depth": "0", "growth.init": "copy"}, ["growth.init=copy", "zero-layer"]),
         ({"growth.source_depth": "0", "growth.init": "copy_last"}, ["growth.init=copy_last", "zero-layer"]),
-        ({"model.n_embd": "130"}, ["model.n_embd (130)", "divisible", "model.n_head (4)"]),
+        ({"model.n_embd": "129"}, ["model.n_embd (129)", "divisible", "model.n_head (2)"]),
         ({"train.steps": "0"}, ["train.steps must be >= 1"]),
         ({"train.device": "tpu"}, ["train.device"]),
         ({"schedule.warmup": "0.5", "schedule.decay": "0.6"}, ["schedule.warmup + schedule.decay"]),
@@ -342,7 +342,7 @@ def test_config_differences_names_changed_key():
 def test_config_differences_identical_and_ignore():
     base = load_config().to_dict()
     assert config_differences(base, load_config().to_dict()) == []
-    changed = load_config(None, {"train.out_dir": "elsewhere", "optim.lr": "0.01"}).to_dict()
+    changed = load_config(None, {"train.out_dir": "elsewhere", "optim.lr": "0.0123"}).to_dict()
     differences = config_differences(base, changed)
     assert [d.split(" ")[0] for d in differences] == ["optim.lr", "train.out_dir"]
     assert [d.split(" ")[0] for d in config_differences(base, changed, ignore={"train.out_dir"})] == ["optim.lr"]

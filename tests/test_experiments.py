@@ -61,7 +61,8 @@ def test_an_experiment_runs_end_to_end_on_a_tiny_grid(tmp_path, capsys, name):
         assert len({r["baseline_val_loss"] for r in rows}) == 2
     if name == "lr":  # one baseline per learning rate, shared by both sources
         assert len({r["baseline_val_loss"] for r in rows}) == 3
-        assert sorted({r["x"] for r in rows}) == pytest.approx([1.5e-3, 3e-3, 6e-3])
+        peak = load_config().optim.lr
+        assert sorted({r["x"] for r in rows}) == pytest.approx([peak / 2, peak, peak * 2])
     capsys.readouterr()
     assert main(["experiment", name, *TINY, *depth, "--out", str(out)]) == 0  # a rerun trains nothing
     assert "step 40/40" not in capsys.readouterr().err

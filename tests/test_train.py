@@ -109,7 +109,7 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_usable(tmp_pa
 def test_resuming_with_another_config_is_refused(tmp_path):
     train(tiny(tmp_path, "run"), stop_at=5)
     with pytest.raises(DepthgrowError, match="optim.lr"):
-        train(tiny(tmp_path, "run", optim__lr="0.01"), resume=True)
+        train(tiny(tmp_path, "run", optim__lr="0.0123"), resume=True)
 
 
 def test_an_existing_run_is_never_overwritten_silently(tmp_path):
