@@ -211,14 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace runs of another config in the output folder (runs of the same config are always reused)",
     )
-    compare_parser.add_argument(
-        "--mix-tolerance",
-        type=float,
-        default=DEFAULT_MIX_TOLERANCE,
-        metavar="FRACTION",
-        help="a progressive run has mixed once its validation loss is within this fraction of the "
-        f"baseline's at the same step (default {DEFAULT_MIX_TOLERANCE})",
-    )
+    _mix_tolerance_option(compare_parser)
 
     command("flops", "print parameters, FLOPs, compute fraction and speedup of a growth plan")
 
