@@ -101,6 +101,10 @@ class RunConfig:
         found = list(self.model.problems())
         for name in SECTIONS:
             found += getattr(self, name).problems()
+        if self.model.task == "image" and (self.data.tokenizer != "byte" or self.data.bpe_file is not None):
+            found.append("data.tokenizer and data.bpe_file are for language models; an image model reads images")
+        if self.model.task == "lm" and self.data.augment:
+            found.append("data.augment is for image models (random crops and flips); a language model has none")
         if not found:
             try:
                 self.plan()

@@ -65,6 +65,8 @@ def load_data(config: DataConfig) -> TokenData:
         raise DepthgrowError(f"data path {path} does not exist")
     if path.is_dir() and (path / "train.bin").exists():
         return _from_bin_folder(path, config)
+    if path.is_dir() and any((folder / "data_batch_1").exists() for folder in (path, path / "cifar-10-batches-py")):
+        raise DepthgrowError(f"{path} holds CIFAR-10 images, not text: train an image model on it (--model resnet20)")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
         if not files:
@@ -220,6 +222,7 @@ def make_batches(model: ModelConfig, data: DataConfig, *, batch_size: int, eval_
                 f"data {images.source} has {images.channels}-channel {images.size}x{images.size} images of "
                 f"{images.num_classes} classes, but the model takes {model.in_channels}-channel "
                 f"{model.image_size}x{model.image_size} images of {model.num_classes}; pick a preset for these images"
+                + (" or pass --data PATH to a CIFAR-10 folder" if data.path is None else "")
             )
         return ImageBatches(images, batch_size=batch_size, eval_batches=eval_batches, seed=seed, augment=data.augment)
     tokens = load_data(data)

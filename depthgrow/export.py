@@ -286,12 +286,8 @@ _SWIGLU = ("gate", "up", "down")
 
 
 def _moe_to_hf_config(config: MoEConfig) -> PretrainedConfig:
-    if config.n_expert < 2:
-        # its router sums the top 2 scores of each expert group (n_group=1: all experts) even when it
-        # cannot use them, and fails with fewer experts
-        raise DepthgrowError(
-            f"Hugging Face's Glm4Moe cannot route among {config.n_expert} expert: it needs model.n_expert >= 2"
-        )
+    # Glm4Moe's router sums the top 2 scores of each expert group, so it needs 2 experts or more: so does
+    # a valid MoEConfig (top_k >= 2)
     return _transformers_5().Glm4MoeConfig(
         # Glm4Moe's default rotates half of each head (GLM's partial RoPE); depthgrow rotates all of it
         **_decoder_hf_fields(config, partial_rotary_factor=1.0),

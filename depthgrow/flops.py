@@ -1,6 +1,7 @@
 """Compute accounting: FLOPs of a run whose depth follows a growth plan, fixed vs progressive.
 
-The per-token cost of each family is derived in its config's ``flops_per_token`` docstring. Two
+The per-unit cost (per token, per image) of each family is derived in its config's ``flops_per_token`` or
+``flops_per_unit`` docstring. Two
 countings: ``DEPTHGROW`` (the default) counts the matrix multiplies a step really does, attention
 scores included; ``PAPER`` is the paper's 6·N with N every parameter, embeddings included, which is how
 it calls a zero-layer GPT-2 124M "39M" and gets 80 % savings for the 7B model.

@@ -2,7 +2,7 @@
 
 Growth is a pure operation on the *unwrapped* model: it rebuilds each block stack at the target depth,
 initialises the new slots, and returns an optimizer that holds every parameter, with state carried by
-parameter name. Wrappers (DDP, FSDP, torch.compile) are taken off before and put back after.
+parameter name. The caller takes wrappers (DDP, FSDP, torch.compile) off before and puts them back after.
 
 Where each target slot's block comes from (k source blocks, L target slots):
 

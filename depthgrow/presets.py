@@ -27,6 +27,9 @@ PRESETS: dict[str, ModelConfig] = {
     "llama-test": LlamaConfig(
         n_layer=2, n_embd=32, n_head=4, n_kv_head=2, ffn_hidden=96, block_size=32, vocab_size=256
     ),
+    "llama-micro": LlamaConfig(  # the compare recipe's size (gpt2-micro)
+        n_layer=4, n_embd=64, n_head=2, n_kv_head=1, ffn_hidden=176, block_size=64, vocab_size=256
+    ),
     "llama-tiny": LlamaConfig(  # 0.80M parameters (gpt2-tiny: 0.83M)
         n_layer=4, n_embd=128, n_head=4, n_kv_head=2, ffn_hidden=352, block_size=128, vocab_size=256
     ),
@@ -57,6 +60,18 @@ PRESETS: dict[str, ModelConfig] = {
         block_size=32,
         vocab_size=256,
     ),
+    "moe-micro": MoEConfig(  # the compare recipe's size: active parameters near gpt2-micro's
+        n_layer=4,
+        n_embd=64,
+        n_head=2,
+        n_kv_head=1,
+        n_expert=8,
+        top_k=2,
+        n_shared_expert=1,
+        expert_hidden=64,
+        block_size=64,
+        vocab_size=256,
+    ),
     "moe-tiny": MoEConfig(  # 2.04M parameters, 0.86M active
         n_layer=4,
         n_embd=128,
@@ -77,16 +92,16 @@ PRESETS: dict[str, ModelConfig] = {
     "deepseek-v3-500m": MoEConfig(  # 498.9M active, 2688.3M total, zero-layer 132.4M
         n_layer=24, n_embd=1024, n_head=16, n_kv_head=4, n_expert=64, top_k=6, n_shared_expert=2, expert_hidden=512
     ),
-    # CIFAR-style ResNets; n_layer is blocks per stage (3 stages). Total parameters, and of the zero-layer
-    # model (stem, two transitions, classifier):
-    "resnet-test": ResNetConfig(n_layer=1, width=4, in_channels=1, image_size=8),  # 7.9K, zero-layer 1.7K
+    # CIFAR-style ResNets with parameter-free transitions; n_layer is blocks per stage (3 stages). Total
+    # parameters, and of the zero-layer model (stem and classifier):
+    "resnet-test": ResNetConfig(n_layer=1, width=4, in_channels=1, image_size=8),  # 6.4K, zero-layer 0.2K
     # the embedded-default demo on scikit-learn's 8x8 digits, trains in minutes on 2 CPU cores
-    "resnet-digits": ResNetConfig(n_layer=4, width=16, in_channels=1, image_size=8),  # 412.9K, zero-layer 24.1K
-    # He et al.'s CIFAR-10 depths 6n + 2; each has two more convs than the original (the stride-2
-    # transitions, which replace the projection shortcuts), hence 0.32M rather than 0.27M for ResNet-20
-    "resnet20": ResNetConfig(n_layer=3),  # 316.0K, zero-layer 24.3K
-    "resnet56": ResNetConfig(n_layer=9),  # 899.3K, zero-layer 24.3K
-    "resnet110": ResNetConfig(n_layer=18),  # 1774.2K, zero-layer 24.3K
+    "resnet-digits": ResNetConfig(n_layer=4, width=16, in_channels=1, image_size=8),  # 389.7K, zero-layer 0.8K
+    # He et al.'s CIFAR-10 depths 6n + 2; the first block of each later stage works at the stage's full
+    # width (the original's is a stride-2 block from half the width), hence 0.29M rather than 0.27M
+    "resnet20": ResNetConfig(n_layer=3),  # 292.8K, zero-layer 1.1K
+    "resnet56": ResNetConfig(n_layer=9),  # 876.1K, zero-layer 1.1K
+    "resnet110": ResNetConfig(n_layer=18),  # 1751.0K, zero-layer 1.1K
 }
 
 

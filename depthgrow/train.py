@@ -100,15 +100,18 @@ def evaluate(
 ) -> tuple[float, float]:
     """Mean loss and accuracy (of the next token, or of the class) over the fixed validation batches."""
     model.eval()
-    loss, correct, count = 0.0, 0, 0
+    # summed on the device and read once: a read per batch would wait for the device every batch
+    loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    count = 0
     for x, y in batches:
         logits = model(x.to(device))
         y = y.to(device)
-        loss += loss_fn(logits, y).item() * y.numel()  # weighted: the last image batch may be smaller
-        correct += (logits.argmax(dim=-1) == y).sum().item()
+        loss += loss_fn(logits, y) * y.numel()  # weighted: the last image batch may be smaller
+        correct += (logits.argmax(dim=-1) == y).sum()
         count += y.numel()
     model.train()
-    return loss / count, correct / count
+    return loss.item() / count, correct.item() / count
 
 
 class _StopRequest:

@@ -25,6 +25,7 @@ _SPLIT_SEED = 0  # the digits' held-out images are the same for every run, whate
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_VAL_FILE = "test_batch"
+CIFAR_CLASSES = 10
 CROP_PADDING = 4
 
 
@@ -105,7 +106,9 @@ def _cifar10(folder: Path) -> ImageData:
     val_x, val_y = _cifar_batch(folder / CIFAR_VAL_FILE)
     train_x = np.concatenate([x for x, _ in train])
     train_y = np.concatenate([y for _, y in train])
-    return _normalised(train_x, train_y, val_x, val_y, num_classes=10, source=f"CIFAR-10 batches in {folder}")
+    return _normalised(
+        train_x, train_y, val_x, val_y, num_classes=CIFAR_CLASSES, source=f"CIFAR-10 batches in {folder}"
+    )
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -136,10 +139,14 @@ def _cifar_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
             batch = _ArraysOnly(handle, encoding="bytes").load()  # written by Python 2: byte-string keys
         data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as error:
+    except (
+        OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError, MemoryError
+    ) as error:  # fmt: skip
         raise DepthgrowError(f"{file} is not a CIFAR-10 python batch: {error}") from None
     if len(labels) != len(data):
         raise DepthgrowError(f"{file} holds {len(data)} images but {len(labels)} labels")
+    if len(labels) and not 0 <= labels.min() <= labels.max() < CIFAR_CLASSES:
+        raise DepthgrowError(f"{file} has labels outside 0..{CIFAR_CLASSES - 1}: not CIFAR-10")
     return data.astype(np.float32) / 255.0, labels
 
 

@@ -313,15 +313,6 @@ def test_import_refuses_a_llama_or_moe_depthgrow_cannot_express(tmp_path, case):
         import_pretrained(tmp_path)
 
 
-def test_a_single_expert_moe_is_refused_with_one_line(tmp_path, capsys):
-    # HF's Glm4Moe router takes the top 2 expert scores of a group even with top_k = 1
-    config = dataclasses.replace(preset("moe-test"), n_expert=1, top_k=1)
-    source = write_checkpoint(tmp_path / "checkpoint.pt", config, build_model(config, seed=0))
-    assert main(["export", str(source), str(tmp_path / "hf")]) == 2
-    assert "Glm4Moe cannot route among 1 expert: it needs model.n_expert >= 2" in capsys.readouterr().err
-    assert not (tmp_path / "hf").exists()
-
-
 def test_llama_export_needs_transformers_5(tmp_path, monkeypatch):
     # transformers 4 would take the rotary base from rope_theta and silently ignore rope_parameters
     config = preset("llama-test")

@@ -17,6 +17,7 @@ from depthgrow.vision import ImageBatches, ImageData, holdout_split, load_images
 SEED = 3
 TEST = ResNetConfig(n_layer=1, width=4, in_channels=1, image_size=8)  # the resnet-test preset
 RGB7 = ResNetConfig(n_layer=1, width=3, n_stage=3, in_channels=3, num_classes=5, image_size=7)  # sides 7, 4, 2
+CONV_TRANSITIONS = [dataclasses.replace(c, transition="conv") for c in (TEST, RGB7)]
 
 
 def images(config: ResNetConfig, seed: int, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,7 +27,8 @@ def images(config: ResNetConfig, seed: int, batch: int = 4) -> tuple[torch.Tenso
 
 
 def config_id(config: ResNetConfig) -> str:
-    return f"C{config.in_channels}-s{config.image_size}-w{config.width}-S{config.n_stage}-L{config.n_layer}"
+    shape = f"C{config.in_channels}-s{config.image_size}-w{config.width}-S{config.n_stage}-L{config.n_layer}"
+    return f"{shape}-{config.transition}"
 
 
 def loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -38,10 +40,13 @@ def loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def test_resnet_test_preset_is_what_the_tests_use():
     assert preset("resnet-test") == TEST
-    assert preset("resnet20").num_params() == 315_994
+    # He et al.'s option-A shortcuts carry no weights: ResNet-20's zero-layer model is stem + classifier
+    assert preset("resnet20").with_depth(0).num_params() == (9 * 3 * 16 + 2 * 16) + (64 * 10 + 10)
 
 
-@pytest.mark.parametrize("config", [c.with_depth(d) for c in (TEST, RGB7) for d in (0, 1, 3)], ids=config_id)
+@pytest.mark.parametrize(
+    "config", [c.with_depth(d) for c in (TEST, RGB7, *CONV_TRANSITIONS) for d in (0, 1, 3)], ids=config_id
+)
 def test_parameter_count_formula_matches_the_model(config):
     model = build_model(config, seed=0)
     assert config.num_params() == sum(p.numel() for p in model.parameters())
@@ -49,15 +54,19 @@ def test_parameter_count_formula_matches_the_model(config):
 
 
 def test_parameter_count_by_hand():
-    # stem 9·1·4 + 8; transitions 9·4·8 + 16 and 9·8·16 + 32; a block 18c² + 4c at c = 4, 8, 16;
-    # classifier 16·10 + 10
-    assert TEST.with_depth(0).num_params() == 44 + 304 + 1184 + 170
-    assert TEST.num_params() == 1702 + (304 + 1184 + 4672)
+    # stem 9·1·4 + 8; conv transitions 9·4·8 + 16 and 9·8·16 + 32 (shortcuts: none); a block 18c² + 4c at
+    # c = 4, 8, 16; classifier 16·10 + 10
+    assert TEST.with_depth(0).num_params() == 44 + 170
+    assert TEST.num_params() == 214 + (304 + 1184 + 4672)
+    conv = dataclasses.replace(TEST, transition="conv")
+    assert conv.with_depth(0).num_params() == 44 + 304 + 1184 + 170
+    assert conv.num_params() == 1702 + (304 + 1184 + 4672)
 
 
 @pytest.mark.parametrize(
     "config",
-    [c.with_depth(d) for c in (TEST, RGB7) for d in (0, 1, 2)] + [dataclasses.replace(RGB7, n_stage=1)],
+    [c.with_depth(d) for c in (TEST, RGB7, *CONV_TRANSITIONS) for d in (0, 1, 2)]
+    + [dataclasses.replace(RGB7, n_stage=1)],
     ids=config_id,
 )
 def test_flops_per_image_match_torch_flop_counter(config):
@@ -77,13 +86,16 @@ def test_flops_per_image_match_torch_flop_counter(config):
 
 
 def test_flops_by_hand_at_odd_sizes():
-    # 7 -> 4 -> 2 at widths 3, 6, 12; the transitions cost 3x forward, each block conv 3x forward
+    # 7 -> 4 -> 2 at widths 3, 6, 12; conv transitions cost 3x forward (shortcuts nothing), each block conv 3x
     transitions = 3 * 2 * 9 * (3 * 6 * 16 + 6 * 12 * 4)
     block_convs = 2 * 3 * 2 * 9 * (9 * 49 + 36 * 16 + 144 * 4)
     stem = 2 * 2 * 9 * 3 * 3 * 49
     classifier = 6 * 12 * 5
-    assert RGB7.with_depth(0).flops_per_unit() == stem + transitions + classifier
-    assert RGB7.flops_per_unit() == stem + transitions + block_convs + classifier
+    assert RGB7.with_depth(0).flops_per_unit() == stem + classifier
+    assert RGB7.flops_per_unit() == stem + block_convs + classifier
+    conv = dataclasses.replace(RGB7, transition="conv")
+    assert conv.with_depth(0).flops_per_unit() == stem + transitions + classifier
+    assert conv.flops_per_unit() == stem + transitions + block_convs + classifier
 
 
 def reference_forward(state: dict[str, torch.Tensor], config: ResNetConfig, x: torch.Tensor) -> torch.Tensor:
@@ -96,15 +108,19 @@ def reference_forward(state: dict[str, torch.Tensor], config: ResNetConfig, x: t
 
     x = F.relu(conv_bn(x, "stem", "conv", "bn"))
     for i in range(config.n_stage):
-        if i > 0:
+        if i > 0 and config.transition == "conv":
             x = F.relu(conv_bn(x, f"stages.{i}.transition", "conv", "bn", stride=2))
+        elif i > 0:  # option A: every other pixel, the new channels zero
+            x = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 0, x.shape[1]))
         for j in range(config.n_layer):
             block = f"stages.{i}.blocks.{j}"
             x = F.relu(x + conv_bn(F.relu(conv_bn(x, block, "conv1", "bn1")), block, "conv2", "bn2"))
     return F.linear(x.mean(dim=(2, 3)), state["classifier.weight"], state["classifier.bias"])
 
 
-@pytest.mark.parametrize("config", [RGB7.with_depth(0), RGB7.with_depth(2)], ids=config_id)
+@pytest.mark.parametrize(
+    "config", [c.with_depth(d) for c in (RGB7, CONV_TRANSITIONS[1]) for d in (0, 2)], ids=config_id
+)
 def test_forward_is_the_documented_network(config):
     model = build_model(config, seed=0)
     train_steps(model, build_optimizer(model, OptimConfig(name="adamw", lr=1e-2)), 2)  # non-trivial BN statistics
@@ -117,12 +133,9 @@ def test_zero_layer_resnet_classifies_without_blocks():
     model = build_model(TEST.with_depth(0), seed=0)
     assert all(len(stack) == 0 for stack in model.block_stacks().values())
     assert list(model.block_stacks()) == ["stages.0.blocks", "stages.1.blocks", "stages.2.blocks"]
+    # the paper's zero-layer ResNet: stem and classifier (the option-A transitions have no weights)
     assert sorted({name.rsplit(".", 1)[0] for name, _ in model.named_parameters()}) == [
         "classifier",
-        "stages.1.transition.bn",
-        "stages.1.transition.conv",
-        "stages.2.transition.bn",
-        "stages.2.transition.conv",
         "stem.bn",
         "stem.conv",
     ]
@@ -419,3 +432,23 @@ def test_random_init_gives_new_blocks_exactly_as_a_fresh_target_depth_model(sour
                 assert same == list(ours), (stack, slot)
             else:  # the trained block keeps its place, running statistics included
                 assert "conv1.weight" not in same and "bn1.running_mean" not in same, (stack, slot)
+
+
+@pytest.mark.parametrize("labels", [[0, 10], [-1, 3]], ids=["too-large", "negative"])
+def test_cifar_labels_outside_the_ten_classes_are_refused(tmp_path, labels):
+    write_cifar(tmp_path / "c")
+    _cifar_batch(tmp_path / "c" / "test_batch", labels, 0)
+    with pytest.raises(DepthgrowError, match="labels outside 0..9"):
+        load_images(str(tmp_path / "c"), 0.5)
+
+
+def test_a_language_model_pointed_at_images_is_told_so(tmp_path):
+    from depthgrow import load_config, train
+
+    write_cifar(tmp_path / "cifar-10-batches-py")
+    with pytest.raises(DepthgrowError, match="holds CIFAR-10 images, not text"):
+        train(load_config(None, {"data.path": str(tmp_path), "train.out_dir": str(tmp_path / "run")}))
+    with pytest.raises(DepthgrowError, match="an image model reads images"):
+        load_config(None, {"model.preset": "resnet-test", "data.tokenizer": "gpt2"})
+    with pytest.raises(DepthgrowError, match="a language model has none"):
+        load_config(None, {"data.augment": "true"})

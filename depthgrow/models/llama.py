@@ -172,7 +172,7 @@ class Attention(nn.Module):
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
         self.head_dim = config.head_dim
-        self.grouped = config.n_kv_head != config.n_head
+        self.group = config.n_head // config.n_kv_head
         d, kv = config.n_embd, config.n_kv_head * config.head_dim
         self.q_proj = nn.Linear(d, d, bias=False)
         self.k_proj = nn.Linear(d, kv, bias=False)
@@ -186,8 +186,11 @@ class Attention(nn.Module):
             proj(x).view(B, T, -1, self.head_dim).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        # enable_gqa lets each key/value head serve its group of query heads without materialising copies
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.grouped)
+        if self.group > 1:
+            # each key/value head serves its group of query heads; repeated here rather than with SDPA's
+            # enable_gqa, which no fused CUDA kernel takes in float32 (it falls back to the T x T math path)
+            k, v = k.repeat_interleave(self.group, dim=1), v.repeat_interleave(self.group, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -288,7 +291,7 @@ class Llama(nn.Module):
         RMSNorm gains                         1
         ====================================  ==========================================
 
-        Each block draws from its own generator, derived from (seed, block index), and draws on the CPU:
+        Each block draws from its own generator, derived from (seed, stack, block index), and draws on the CPU:
         block i of a model grown to depth L is therefore initialised bit for bit as block i of a fresh
         depth-L model with the same seed, on any device. The rotary tables are not state: ``forward``
         computes them.

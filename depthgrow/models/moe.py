@@ -50,8 +50,8 @@ class MoEConfig(DecoderConfig):
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     n_expert: int = 64  # routed experts per block
-    # routed experts each token uses; with 1 the weight normalised over the chosen experts is always 1, so
-    # the router would get no gradient and only the balancing bias would route
+    # routed experts each token uses, at least 2: with 1 the weight normalised over the chosen experts is
+    # always 1, so the router would get no gradient and only the balancing bias would route
     top_k: int = 6
     n_shared_expert: int = 2  # experts every token uses
     expert_hidden: int = 384  # SwiGLU hidden size of one expert
@@ -62,8 +62,9 @@ class MoEConfig(DecoderConfig):
         for name in ("n_expert", "expert_hidden"):
             if getattr(self, name) < 1:
                 found.append(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if not 1 <= self.top_k <= max(self.n_expert, 1):
-            found.append(f"model.top_k must be in [1, n_expert={self.n_expert}], got {self.top_k}")
+        if not 2 <= self.top_k <= max(self.n_expert, 2):
+            # with one chosen expert its normalised gate weight is always 1: the router would get no gradient
+            found.append(f"model.top_k must be in [2, n_expert={self.n_expert}], got {self.top_k}")
         if self.n_shared_expert < 0:
             found.append(f"model.n_shared_expert must be >= 0, got {self.n_shared_expert}")
         if not (math.isfinite(self.balance_rate) and self.balance_rate >= 0):

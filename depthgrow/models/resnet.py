@@ -2,15 +2,16 @@
 
 The network is a stem (conv3x3 + BatchNorm + ReLU at ``width`` channels), ``n_stage`` stages and a classifier
 on globally average-pooled features. Stage i works at ``width · 2**i`` channels. The original ResNet folds
-each stage's downsampling into its first block (a stride-2 block with a projection shortcut); here it is a
-separate, fixed *transition* (conv3x3 stride 2 + BatchNorm + ReLU, absent in stage 0) that exists at every
-depth. Every residual block is then the same BasicBlock at constant width and stride 1 with an identity
-shortcut, so a stage can hold any number of blocks, and a zero-layer ResNet (stem, transitions, pooling,
-classifier; no block) is the paper's zero-layer ResNet. ``n_layer`` counts the blocks of each stage; growth
-sets every stage to the same depth.
+each stage's downsampling into its first block; here it is a separate, fixed *transition* that exists at
+every depth (absent in stage 0): by default He et al.'s parameter-free option-A shortcut (every other
+pixel, channels zero-padded to the stage's width), or with ``transition="conv"`` a conv3x3 stride 2 +
+BatchNorm + ReLU. Every residual block is then the same BasicBlock at constant width and stride 1 with an
+identity shortcut, so a stage can hold any number of blocks, and a zero-layer ResNet is the stem, the
+pooling and the classifier: the paper's zero-layer ResNet. ``n_layer`` counts the blocks of each stage;
+growth sets every stage to the same depth.
 
-Parameter names: ``stem.conv``/``stem.bn``, ``stages.{i}.transition.conv``/``.bn`` (i >= 1),
-``stages.{i}.blocks.{j}.conv1``/``bn1``/``conv2``/``bn2``, ``classifier``.
+Parameter names: ``stem.conv``/``stem.bn``, ``stages.{i}.transition.conv``/``.bn`` (conv transitions,
+i >= 1), ``stages.{i}.blocks.{j}.conv1``/``bn1``/``conv2``/``bn2``, ``classifier``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,9 @@ class ResNetConfig(ModelConfig):
     n_stage: int = 3
     in_channels: int = 3
     num_classes: int = 10
-    image_size: int = 32  # side of the square input; only the FLOP count depends on it
+    image_size: int = 32  # side of the square input images (the layers work at any size; FLOPs depend on it)
+    # between stages: "shortcut", parameter-free (He et al.'s option A), or "conv", a conv3x3 stride 2
+    transition: Literal["shortcut", "conv"] = "shortcut"
     zero_init_residual: bool = False  # each block's last BatchNorm gain starts at 0 (the block starts as identity)
 
     def problems(self) -> list[str]:
@@ -69,7 +72,9 @@ class ResNetConfig(ModelConfig):
         widths = self.stage_widths()
         # conv3x3 weights 9·c_in·c_out (no biases), BatchNorm gain and bias 2·c
         stem = 9 * self.in_channels * widths[0] + 2 * widths[0]
-        transitions = sum(9 * c_in * c_out + 2 * c_out for c_in, c_out in pairwise(widths))
+        transitions = 0
+        if self.transition == "conv":
+            transitions = sum(9 * c_in * c_out + 2 * c_out for c_in, c_out in pairwise(widths))
         blocks = self.n_layer * sum(18 * c * c + 4 * c for c in widths)
         classifier = widths[-1] * self.num_classes + self.num_classes
         return stem + transitions + blocks + classifier
@@ -85,7 +90,7 @@ class ResNetConfig(ModelConfig):
 
         ==================  ====================================
         stem                2 · 2·9·C·c_0·s_0²
-        transition i >= 1   3 · 2·9·c_{i-1}·c_i·s_i²
+        conv transition     3 · 2·9·c_{i-1}·c_i·s_i² (i >= 1; a shortcut transition is free)
         each block          3 · 2 · 2·9·c_i²·s_i² (two convs)
         classifier          3 · 2·c_last·K
         ==================  ====================================
@@ -98,8 +103,8 @@ class ResNetConfig(ModelConfig):
         widths, sizes = self.stage_widths(), self.stage_sizes()
         conv = lambda c_in, c_out, side: 2 * 9 * c_in * c_out * side * side  # noqa: E731
         flops = 2 * conv(self.in_channels, widths[0], sizes[0])
-        for i in range(1, self.n_stage):
-            flops += 3 * conv(widths[i - 1], widths[i], sizes[i])
+        if self.transition == "conv":
+            flops += sum(3 * conv(widths[i - 1], widths[i], sizes[i]) for i in range(1, self.n_stage))
         flops += self.n_layer * sum(3 * 2 * conv(c, c, s) for c, s in zip(widths, sizes, strict=True))
         flops += 3 * 2 * widths[-1] * self.num_classes
         return float(flops)
@@ -115,6 +120,17 @@ class ConvBN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn(self.conv(x)))
+
+
+class Shortcut(nn.Module):
+    """He et al.'s option A between stages: every other pixel, channels zero-padded; no parameters."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.pad = c_out - c_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 0, self.pad))
 
 
 class BasicBlock(nn.Module):
@@ -134,9 +150,12 @@ class BasicBlock(nn.Module):
 
 
 class Stage(nn.Module):
-    def __init__(self, c_in: int, c_out: int, n_block: int, *, first: bool) -> None:
+    def __init__(self, c_in: int, c_out: int, n_block: int, *, first: bool, transition: str) -> None:
         super().__init__()
-        self.transition = nn.Identity() if first else ConvBN(c_in, c_out, stride=2)
+        if first:
+            self.transition = nn.Identity()
+        else:
+            self.transition = Shortcut(c_in, c_out) if transition == "shortcut" else ConvBN(c_in, c_out, stride=2)
         self.blocks = nn.ModuleList(BasicBlock(c_out) for _ in range(n_block))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +172,8 @@ class ResNet(nn.Module):
         widths = config.stage_widths()
         self.stem = ConvBN(config.in_channels, widths[0], stride=1)
         self.stages = nn.ModuleList(
-            Stage(widths[max(i - 1, 0)], widths[i], config.n_layer, first=i == 0) for i in range(config.n_stage)
+            Stage(widths[max(i - 1, 0)], widths[i], config.n_layer, first=i == 0, transition=config.transition)
+            for i in range(config.n_stage)
         )
         self.classifier = nn.Linear(widths[-1], config.num_classes)
 
