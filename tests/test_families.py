@@ -3,16 +3,15 @@ import math
 
 import pytest
 import torch
+from growth_checks import CASES, OPTIMIZERS, SEED, grow_and_check
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from depthgrow import INITS, OptimConfig, build_model, build_optimizer, grow, load_config, preset, train
+from depthgrow import build_model, build_optimizer, grow, load_config, preset, train
 from depthgrow.models import LlamaConfig, MoEConfig
-from depthgrow.optim import as_optimizer_list, check_coverage
 from depthgrow.train import loss_fn
 
 FAMILIES = ["llama-test", "moe-test"]
-SEED = 3
 
 
 def tokens(config, step: int, batch: int = 4) -> torch.Tensor:
@@ -302,12 +301,6 @@ def test_routed_experts_cost_top_k_over_n_expert_of_dense():
 # --- growth, as tests/test_growth.py checks GPT-2 ---
 
 
-OPTIMIZERS = {
-    "adamw": OptimConfig(name="adamw", lr=1e-2),
-    "muon-nsgd": OptimConfig(name="muon-nsgd", lr=2e-2, weight_decay=0.01),
-}
-
-
 def train_steps(model, optimizer, steps: int, start: int = 0) -> None:
     for step in range(start, start + steps):
         idx = tokens(model.config, step)
@@ -323,48 +316,12 @@ def trained(name: str, source_depth: int, optimizer: str = "adamw", steps: int =
     return model, chain
 
 
-def applicable(source_depth: int) -> list[str]:
-    return [init for init in INITS if source_depth > 0 or init in ("random", "zero")]
-
-
-CASES = [(s, init) for s in (0, 1, 2) for init in applicable(s)]
-
-
-def _by_name(model, optimizer) -> dict[str, dict]:
-    names = {id(p): name for name, p in model.named_parameters()}
-    return {names[id(p)]: state for opt in as_optimizer_list(optimizer) for p, state in opt.state.items()}
-
-
-def _clone(state: dict) -> dict:
-    return {key: value.clone() if torch.is_tensor(value) else value for key, value in state.items()}
-
-
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize(("source_depth", "init"), CASES)
 @pytest.mark.parametrize("name", FAMILIES)
 def test_growth_carries_state_and_trains_every_parameter(name, source_depth, init, optimizer):
     model, chain = trained(name, source_depth, optimizer)
-    old_state = {key: _clone(state) for key, state in _by_name(model, chain).items()}
-    old_ids = {id(p): name for name, p in model.named_parameters()}
-    grown = grow(model, chain, 4, init, seed=SEED)
-    check_coverage(grown.model, grown.optimizer)
-    assert len(grown.model.model.layers) == 4
-
-    new_state = _by_name(grown.model, grown.optimizer)
-    survivors = {key: old_ids[id(p)] for key, p in grown.model.named_parameters() if id(p) in old_ids}
-    assert set(grown.new_parameters).isdisjoint(new_state)
-    assert set(new_state) == {key for key, old in survivors.items() if old in old_state}
-    for parameter, state in new_state.items():
-        expected = old_state[survivors[parameter]]
-        assert state.keys() == expected.keys()
-        for key, value in expected.items():
-            assert torch.equal(state[key], value) if torch.is_tensor(value) else state[key] == value, (parameter, key)
-
-    before = {key: p.detach().clone() for key, p in grown.model.named_parameters()}
-    # a zeroed residual projection passes no gradient to the layers before it until it has taken a step
-    train_steps(grown.model, grown.optimizer, 2 if init in ("zero", "copy_zero") else 1, start=50)
-    frozen = [key for key, p in grown.model.named_parameters() if torch.equal(p, before[key])]
-    assert frozen == []
+    grow_and_check(model, chain, 4, init, train_steps)
 
 
 @pytest.mark.parametrize(

@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from growth_checks import CASES, OPTIMIZERS, SEED, grow_and_check
 from torch.utils.flop_counter import FlopCounterMode
 
-from depthgrow import INITS, DepthgrowError, OptimConfig, build_model, build_optimizer, grow, preset
+from depthgrow import DepthgrowError, OptimConfig, build_model, build_optimizer, grow, preset
 from depthgrow.models import ResNetConfig
-from depthgrow.optim import as_optimizer_list, check_coverage
 from depthgrow.vision import ImageBatches, ImageData, holdout_split, load_images
 
-SEED = 3
 TEST = ResNetConfig(n_layer=1, width=4, in_channels=1, image_size=8)  # the resnet-test preset
 RGB7 = ResNetConfig(n_layer=1, width=3, n_stage=3, in_channels=3, num_classes=5, image_size=7)  # sides 7, 4, 2
 CONV_TRANSITIONS = [dataclasses.replace(c, transition="conv") for c in (TEST, RGB7)]
@@ -327,10 +326,6 @@ def test_batch_larger_than_the_training_split_is_refused(digits):
 # --- growth, as tests/test_families.py checks the language models ---
 
 
-OPTIMIZERS = {
-    "adamw": OptimConfig(name="adamw", lr=1e-2),
-    "muon-nsgd": OptimConfig(name="muon-nsgd", lr=2e-2, weight_decay=0.01),
-}
 TARGET = 3
 
 
@@ -349,45 +344,11 @@ def trained(source_depth: int, optimizer: str = "adamw", steps: int = 3):
     return model, chain
 
 
-CASES = [(s, init) for s in (0, 1, 2) for init in INITS if s > 0 or init in ("random", "zero")]
-
-
-def _by_name(model, optimizer) -> dict[str, dict]:
-    names = {id(p): name for name, p in model.named_parameters()}
-    return {names[id(p)]: state for opt in as_optimizer_list(optimizer) for p, state in opt.state.items()}
-
-
-def _clone(state: dict) -> dict:
-    return {key: value.clone() if torch.is_tensor(value) else value for key, value in state.items()}
-
-
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize(("source_depth", "init"), CASES)
 def test_growth_carries_state_and_trains_every_parameter(source_depth, init, optimizer):
     model, chain = trained(source_depth, optimizer)
-    old_state = {key: _clone(state) for key, state in _by_name(model, chain).items()}
-    old_ids = {id(p): name for name, p in model.named_parameters()}
-    grown = grow(model, chain, TARGET, init, seed=SEED)
-    check_coverage(grown.model, grown.optimizer)
-    assert [len(stack) for stack in grown.model.block_stacks().values()] == [TARGET] * 3
-    assert grown.model.config.n_layer == TARGET
-
-    new_state = _by_name(grown.model, grown.optimizer)
-    survivors = {key: old_ids[id(p)] for key, p in grown.model.named_parameters() if id(p) in old_ids}
-    assert set(survivors.values()) == set(old_ids.values())
-    assert set(grown.new_parameters).isdisjoint(new_state)
-    assert set(new_state) == {key for key, old in survivors.items() if old in old_state}
-    for parameter, state in new_state.items():
-        expected = old_state[survivors[parameter]]
-        assert state.keys() == expected.keys()
-        for key, value in expected.items():
-            assert torch.equal(state[key], value) if torch.is_tensor(value) else state[key] == value, (parameter, key)
-
-    before = {key: p.detach().clone() for key, p in grown.model.named_parameters()}
-    # a zeroed bn2 passes no gradient to the rest of its block until it has taken a step
-    train_steps(grown.model, grown.optimizer, 2 if init in ("zero", "copy_zero") else 1, start=50)
-    frozen = [key for key, p in grown.model.named_parameters() if torch.equal(p, before[key])]
-    assert frozen == []
+    grow_and_check(model, chain, TARGET, init, train_steps)
 
 
 @pytest.mark.parametrize(
