@@ -38,6 +38,20 @@ def mixing_time(
     return None
 
 
+def closest_gap(
+    curve: Sequence[tuple[int, float]], reference: Sequence[tuple[int, float]], growth_step: int
+) -> float | None:
+    """The smallest relative gap (percent) to ``reference`` at any step evaluated in both from
+    ``growth_step`` on: how near the run came to mixing. None if no step is shared."""
+    reference_at = dict(reference)
+    gaps = [
+        100.0 * (loss / reference_at[step] - 1.0)
+        for step, loss in curve
+        if step >= growth_step and step in reference_at
+    ]
+    return min(gaps) if gaps else None
+
+
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the points (cost, loss) that no other point beats on both, sorted by cost."""
     order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))

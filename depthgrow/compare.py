@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from depthgrow.analysis import DEFAULT_MIX_TOLERANCE, eval_curve, last_growth_step, mixing_time
+from depthgrow.analysis import DEFAULT_MIX_TOLERANCE, closest_gap, eval_curve, last_growth_step, mixing_time
 from depthgrow.config import RunConfig
 from depthgrow.errors import DepthgrowError
 from depthgrow.growth import COPY_INITS, GrowthConfig
@@ -72,9 +72,10 @@ def compare(
     for name, config in configs.items():
         summary = summaries[name]
         growth_step = last_growth_step(logs[name])
-        mixing = None
+        mixing = closest = None
         if growth_step is not None:
             mixing = mixing_time(eval_curve(logs[name]), baseline_curve, growth_step, mix_tolerance)
+            closest = closest_gap(eval_curve(logs[name]), baseline_curve, growth_step)
         rows.append(
             {
                 "name": name,
@@ -89,6 +90,7 @@ def compare(
                 "wall_fraction": _wall(summary) / _wall(fixed),
                 "mixing_steps": mixing,
                 "mix_tolerance": mix_tolerance,
+                "closest_gap_pct": closest,
             }
         )
     root = Path(base.train.out_dir)
@@ -124,9 +126,10 @@ def _title(config: RunConfig) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table: speedup is fixed / progressive, by FLOPs and by wall clock; "mixed after" is the
     number of steps after the (last) expansion until the validation loss came within the tolerance of
-    the baseline's at the same step ("never" if it did not)."""
+    the baseline's at the same step ("never" if it did not), and "closest gap" the smallest gap after it."""
     header = (
-        "| run | source depth | init | grows at step | final val loss | gap % | mixed after | FLOPs | compute fraction "
+        "| run | source depth | init | grows at step | final val loss | gap % | closest gap % | mixed after | FLOPs "
+        "| compute fraction "
         "| wall s | wall fraction | speedup (FLOPs / wall) |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -140,6 +143,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             steps,
             f"{row['final_val_loss']:.4f}",
             f"{row['gap_pct']:+.2f}",
+            "-" if row["closest_gap_pct"] is None else f"{row['closest_gap_pct']:+.2f}",
             _mixing_text(row),
             f"{row['flops']:.3g}",
             f"{row['compute_fraction']:.1%}",

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from depthgrow.analysis import DEFAULT_MIX_TOLERANCE, eval_curve, last_growth_step, mixing_time
+from depthgrow.analysis import DEFAULT_MIX_TOLERANCE, closest_gap, eval_curve, last_growth_step, mixing_time
 from depthgrow.config import RunConfig, load_config
 from depthgrow.errors import DepthgrowError
 from depthgrow.growth import GrowthConfig
@@ -240,7 +240,7 @@ def run_experiment(
     else:
         title = f"{name}: {experiment.question}"
         if experiment.plot == "sweep":
-            plot.plot_sweep(rows, folder / "plot.png", title=title, x_label=experiment.x_label)
+            plot.plot_sweep(rows, folder / "plot.png", title=title, x_label=experiment.x_label, tolerance=mix_tolerance)
         elif experiment.plot == "lr":
             plot.plot_lr(rows, folder / "plot.png", title=title)
         elif experiment.plot == "pareto":
@@ -261,9 +261,11 @@ def _row(
     mix_tolerance: float,
 ) -> dict[str, Any]:
     growth_step = last_growth_step(run_log)
-    mixing = None
+    curve, reference = eval_curve(run_log), eval_curve(baseline_log)
+    mixing = closest = None
     if growth_step is not None:
-        mixing = mixing_time(eval_curve(run_log), eval_curve(baseline_log), growth_step, mix_tolerance)
+        mixing = mixing_time(curve, reference, growth_step, mix_tolerance)
+        closest = closest_gap(curve, reference, growth_step)
     wall = summary["train_time_s"] + summary["growth_time_s"]
     return {
         "label": variant.label,
@@ -278,6 +280,7 @@ def _row(
         "baseline_val_loss": baseline["final_val_loss"],
         "gap_pct": 100.0 * (summary["final_val_loss"] / baseline["final_val_loss"] - 1.0),
         "mixing_steps": mixing,
+        "closest_gap_pct": closest,
         "flops": summary["flops"],
         "compute_fraction": summary["flops"] / baseline["flops"],
         "wall_fraction": wall / (baseline["train_time_s"] + baseline["growth_time_s"]),
@@ -288,7 +291,7 @@ def _row(
 def format_rows(rows: list[dict[str, Any]]) -> str:
     header = [
         "variant", "schedule", "optimizer", "grows at step", "final val loss", "baseline", "gap %",
-        "mixed after", "compute fraction", "wall fraction",
+        "closest gap %", "mixed after", "compute fraction", "wall fraction",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -301,6 +304,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
             f"{row['final_val_loss']:.4f}",
             f"{row['baseline_val_loss']:.4f}",
             f"{row['gap_pct']:+.2f}",
+            "-" if row["closest_gap_pct"] is None else f"{row['closest_gap_pct']:+.2f}",
             mixed,
             f"{row['compute_fraction']:.1%}",
             f"{row['wall_fraction']:.1%}",

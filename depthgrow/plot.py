@@ -36,23 +36,26 @@ def plot_compare(logs: dict[str, list[dict[str, Any]]], path: str | Path, *, tit
 
 
 def plot_sweep(
-    rows: list[dict[str, Any]], path: str | Path, *, title: str, x_label: str = "expansion time (fraction of T)"
+    rows: list[dict[str, Any]],
+    path: str | Path,
+    *,
+    title: str,
+    x_label: str = "expansion time (fraction of T)",
+    tolerance: float | None = None,
 ) -> Path:
-    """Final gap and mixing time against the expansion time, one line per series (e.g. schedule)."""
-    figure, (gap_axes, mix_axes) = plt.subplots(1, 2, figsize=(13, 5))
+    """Against the swept value, one line per series (e.g. schedule): the final gap to the fixed-depth run,
+    and the closest the run came to it after the expansion (mixing means reaching the tolerance)."""
+    figure, (gap_axes, near_axes) = plt.subplots(1, 2, figsize=(13, 5))
     for index, series in enumerate(dict.fromkeys(r["series"] for r in rows)):
-        points = sorted((r["x"], r["gap_pct"], r["mixing_steps"]) for r in rows if r["series"] == series)
-        colour = f"C{index}"
-        gap_axes.plot([p[0] for p in points], [p[1] for p in points], "o-", color=colour, label=series)
-        mixed = [p for p in points if p[2] is not None]
-        mix_axes.plot([p[0] for p in mixed], [p[2] for p in mixed], "o-", color=colour, label=f"{series}: mixed")
-        never = [p[0] for p in points if p[2] is None]
-        if never:
-            mix_axes.scatter(never, [0] * len(never), marker="x", color=colour, s=60, label=f"{series}: never mixed")
-    gap_axes.axhline(0.0, color="black", linewidth=0.8)
+        points = sorted((r["x"], r["gap_pct"], r["closest_gap_pct"]) for r in rows if r["series"] == series)
+        gap_axes.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{index}", label=series)
+        near_axes.plot([p[0] for p in points], [p[2] for p in points], "o-", color=f"C{index}", label=series)
     gap_axes.set_ylabel("final validation loss gap to the fixed-depth run (%)")
-    mix_axes.set_ylabel("steps after the expansion until within tolerance")
-    for axes in (gap_axes, mix_axes):
+    near_axes.set_ylabel("smallest gap after the expansion (%)")
+    if tolerance is not None:
+        near_axes.axhline(100 * tolerance, color="grey", linestyle="--", label=f"mixed: within {tolerance:.0%}")
+    for axes in (gap_axes, near_axes):
+        axes.axhline(0.0, color="black", linewidth=0.8)
         axes.set_xlabel(x_label)
         if max(r["x"] for r in rows) / min(r["x"] for r in rows) > 10:
             axes.set_xscale("log")

@@ -1,4 +1,6 @@
-from depthgrow.analysis import eval_curve, last_growth_step, mixing_time, pareto_front
+import pytest
+
+from depthgrow.analysis import closest_gap, eval_curve, last_growth_step, mixing_time, pareto_front
 
 
 def test_mixing_time_is_the_first_step_after_growth_within_tolerance():
@@ -42,3 +44,11 @@ def test_pareto_front_keeps_points_no_other_beats_on_cost_and_loss():
     assert pareto_front(points) == [4, 1, 5, 0]
     assert pareto_front([]) == []
     assert pareto_front([(1.0, 1.0), (1.0, 1.0)]) == [0]
+
+
+def test_closest_gap_is_the_smallest_relative_gap_from_the_expansion_on():
+    baseline = [(100, 2.0), (200, 1.8), (300, 1.6), (400, 1.5)]
+    progressive = [(100, 1.0), (200, 2.7), (300, 1.68), (400, 1.59)]
+    assert closest_gap(progressive, baseline, growth_step=200) == pytest.approx(5.0)  # 1.68 / 1.6
+    assert closest_gap(progressive, baseline, growth_step=50) == pytest.approx(-50.0)  # before growth counts too
+    assert closest_gap(progressive, [(1, 1.0)], growth_step=0) is None
