@@ -28,6 +28,7 @@ from depthgrow.presets import preset
 from depthgrow.schedule import GrowthPlan, ScheduleConfig, growth_plan
 
 DEFAULT_PRESET = "gpt2-micro"
+LOGGERS = ("tensorboard", "wandb")  # optional trackers beside log.jsonl, which is always written
 
 
 @dataclass(kw_only=True)
@@ -40,6 +41,11 @@ class TrainConfig:
     checkpoint_every: int = 1000  # steps between checkpoints (also at the end and on Ctrl-C)
     out_dir: str = "runs/train"
     device: str = "auto"  # "auto" takes CUDA when present, else the CPU
+    parallel: Literal["none", "ddp", "fsdp"] = "none"  # under torchrun: DDP, or FSDP2 (fully_shard per block)
+    compile: bool = False  # torch.compile the model (rebuilt after each expansion)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
+    peak_tflops: float | None = None  # the device's peak for MFU (none: known GPUs by name, else no MFU)
+    loggers: list[str] = field(default_factory=list)  # beside log.jsonl: "tensorboard", "wandb"
 
     def problems(self) -> list[str]:
         found = [
@@ -51,6 +57,11 @@ class TrainConfig:
             found.append(f"train.seed must be >= 0, got {self.seed}")
         if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
             found.append(f"train.device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            found.append(f"train.peak_tflops must be > 0, got {self.peak_tflops}")
+        unknown = [name for name in self.loggers if name not in LOGGERS]
+        if unknown:
+            found.append(f"unknown train.loggers {', '.join(unknown)}; choose from: {', '.join(LOGGERS)}")
         return found
 
 
@@ -63,7 +74,16 @@ SECTIONS: dict[str, type] = {
 }
 # keys that may differ between a checkpoint's config and the config used to resume it: none of them
 # changes what is trained
-RESUME_FREE_KEYS = {"train.out_dir", "train.device", "train.checkpoint_every", "train.eval_every"}
+RESUME_FREE_KEYS = {
+    "train.out_dir",
+    "train.device",
+    "train.checkpoint_every",
+    "train.eval_every",
+    "train.parallel",  # a checkpoint of any world size resumes at any other
+    "train.compile",
+    "train.peak_tflops",
+    "train.loggers",
+}
 
 
 @dataclass(kw_only=True)
