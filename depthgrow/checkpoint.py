@@ -2,7 +2,7 @@
 
 The file is written to a temporary name, synced, then renamed over the previous checkpoint, so a kill
 at any moment leaves either the old or the new checkpoint whole. Model and optimizer state are keyed by
-parameter name (``torch.distributed.checkpoint.state_dict``), so they load into a model rebuilt at the
+parameter name and unsharded, so they load into a model rebuilt at the
 checkpoint's depth whatever the order in which its optimizer groups were built.
 """
 
@@ -15,17 +15,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+from depthgrow.distributed import full_model_state, load_optimizer_state_by_name, optimizer_state_by_name, plain_module
 from depthgrow.errors import DepthgrowError
 from depthgrow.optim import OptimizerChain
 
 CHECKPOINT_NAME = "checkpoint.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name, unsharded
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
@@ -57,16 +54,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def training_state(model: nn.Module, optimizer: OptimizerChain) -> dict[str, Any]:
-    # before the first step there is no optimizer state to save; asking DCP for it anyway would make it
-    # initialise the state with a zero-gradient step, which counts as a step for AdamW
-    has_state = all(opt.state for opt in optimizer.optimizers)
-    optimizer_state = get_optimizer_state_dict(model, optimizer.optimizers) if has_state else None
-    return {"model": model.state_dict(), "optimizer": optimizer_state}
+    """Model and optimizer state, unsharded, on the CPU and keyed by parameter name: the same for a plain,
+    a DDP, a compiled or an FSDP2-sharded model (every rank takes part in the gather), so a checkpoint
+    written by N processes resumes on M. Parameters without optimizer state (none before the first
+    step) are absent and start fresh on resume, as they would have."""
+    weights = {name: value.cpu() for name, value in full_model_state(model).items()}
+    states = {
+        name: {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in state.items()}
+        for name, state in optimizer_state_by_name(model, optimizer).items()
+    }
+    return {"model": weights, "optimizer": states}
 
 
 def restore_training_state(model: nn.Module, optimizer: OptimizerChain, payload: dict[str, Any]) -> None:
-    model.load_state_dict(payload["model"])
-    if payload["optimizer"] is not None:
-        # not strict: parameters that never had a gradient have no state to load
-        options = StateDictOptions(strict=False)
-        set_optimizer_state_dict(model, optimizer.optimizers, payload["optimizer"], options=options)
+    """Load :func:`training_state`'s output into a (possibly wrapped or sharded) model and its optimizer."""
+    set_model_state_dict(plain_module(model), payload["model"], options=StateDictOptions(full_state_dict=True))
+    load_optimizer_state_by_name(model, optimizer, payload["optimizer"])

@@ -1,4 +1,4 @@
-"""The ``depthgrow`` command: ``train``, ``compare``, ``experiment``, ``flops`` and ``export``.
+"""The ``depthgrow`` command: ``train``, ``compare``, ``experiment``, ``flops``, ``export`` and ``prepare``.
 
 Every command takes an optional TOML config file and any number of ``--section.key=value`` overrides
 (``--growth.at=0.8``, ``--train.steps 2000``), plus the shorthands ``--model NAME`` (a preset),
@@ -67,6 +67,8 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         overrides = {**overrides, "train.out_dir": str(run_dir)}
     config = _config(args, overrides)
     result = train(config, resume=args.resume is not None, overwrite=args.overwrite, stop_at=args.stop_at)
+    if not result.is_main:  # under torchrun, rank 0 reports
+        return 0 if result.finished or result.state.step == args.stop_at else 130
     if result.finished:
         print(
             f"final validation loss {result.final_val_loss:.4f} after {result.state.step} steps; "
@@ -157,12 +159,45 @@ def cmd_export(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from depthgrow.prepare import hf_documents, prepare, text_documents
+
+    if overrides:
+        raise DepthgrowError(f"prepare takes no config options, got --{next(iter(overrides))}")
+    if bool(args.sources) == bool(args.hf_dataset):
+        raise DepthgrowError("prepare takes text files or folders, or --hf-dataset NAME: one of the two")
+    if args.hf_dataset:
+        documents, total = hf_documents(
+            args.hf_dataset,
+            config_name=args.hf_config,
+            split=args.hf_split,
+            data_files=args.hf_data_files,
+            text_field=args.hf_text_field,
+        )
+    else:
+        documents, total = text_documents(args.sources)
+    summary = prepare(
+        documents,
+        args.out,
+        tokenizer=args.tokenizer,
+        bpe_file=args.bpe_file,
+        val_fraction=args.val_fraction,
+        shard_tokens=args.shard_tokens,
+        prefix=args.prefix,
+        overwrite=args.overwrite,
+        total=total,
+    )
+    print("\n".join(summary.lines()))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, str]], int]] = {
     "train": cmd_train,
     "compare": cmd_compare,
     "flops": cmd_flops,
     "experiment": cmd_experiment,
     "export": cmd_export,
+    "prepare": cmd_prepare,
 }
 
 
@@ -180,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         sub.add_argument("config", nargs="?", help="a TOML run config (defaults apply to what it leaves out)")
         sub.add_argument("--model", help=f"model preset: {', '.join(PRESETS)}")
-        sub.add_argument("--data", help="text file, folder of text files, or folder with train.bin/val.bin")
+        sub.add_argument(
+            "--data", help="text file, folder of text files, or folder with train.bin/val.bin or token shards"
+        )
         sub.add_argument("--out", help="output folder (train.out_dir)")
         return sub
 
@@ -236,7 +273,43 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help="a run folder or its checkpoint.pt")
     export_parser.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (created if missing)")
     export_parser.add_argument("--overwrite", action="store_true", help="export into OUT_DIR even if it is not empty")
+    _prepare_parser(commands)
     return parser
+
+
+def _prepare_parser(commands: argparse._SubParsersAction) -> None:
+    from depthgrow.prepare import DEFAULT_PREFIX, DEFAULT_SHARD_TOKENS
+
+    help_text = "tokenise text files, folders or a Hugging Face dataset into token shards for --data"
+    parser = commands.add_parser("prepare", help=help_text, description=help_text, allow_abbrev=False)
+    parser.add_argument("sources", nargs="*", metavar="SOURCE", help="text files or folders of text files")
+    parser.add_argument("--out", required=True, help="the folder to write the shards to (created if missing)")
+    parser.add_argument("--tokenizer", choices=["byte", "gpt2"], default="byte", help="byte (default) or gpt2")
+    parser.add_argument("--bpe-file", help="gpt2.tiktoken for --tokenizer gpt2 (or set DEPTHGROW_GPT2_BPE)")
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        metavar="FRACTION",
+        help="the tail of every document held out for validation (default 0.1)",
+    )
+    parser.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=DEFAULT_SHARD_TOKENS,
+        metavar="N",
+        help=f"tokens per shard at most (default {DEFAULT_SHARD_TOKENS:_})",
+    )
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"shard name prefix (default {DEFAULT_PREFIX})")
+    parser.add_argument("--overwrite", action="store_true", help="replace the shards of a non-empty output folder")
+    hf = parser.add_argument_group("Hugging Face datasets (extra hf)")
+    hf.add_argument("--hf-dataset", metavar="NAME", help="a Hub dataset, local dataset folder, data file or builder")
+    hf.add_argument("--hf-config", metavar="NAME", help="the dataset's configuration (e.g. sample-10BT)")
+    hf.add_argument("--hf-split", default="train", metavar="SPLIT", help="the split to read (default train)")
+    hf.add_argument(
+        "--hf-data-files", nargs="+", default=[], metavar="FILE", help="data files for a builder such as json"
+    )
+    hf.add_argument("--hf-text-field", default="text", metavar="COLUMN", help="the text column (default text)")
 
 
 def _mix_tolerance_option(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from depthgrow.models import ModelConfig
 from depthgrow.schedule import GrowthPlan
 
@@ -73,3 +75,30 @@ def compare_compute(
             config, plan, total_steps=total_steps, units_per_step=units_per_step, counting=counting
         ),
     )
+
+
+# dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched against the device name
+# in this order (H100 PCIe before the SXM figure that a bare "H100" gets)
+BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("H800", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+)
+
+
+def peak_tflops(device: torch.device, configured: float | None, precision: str) -> float | None:
+    """The peak that model FLOPs utilisation (MFU) is measured against: ``configured`` if given, else the
+    bf16 peak of a known GPU when training in bf16 (``precision`` auto or bf16 on CUDA), else None (no
+    MFU shown: a CPU's peak is not known here)."""
+    if configured is not None:
+        return configured
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in BF16_PEAK_TFLOPS if key in name), None)

@@ -15,14 +15,16 @@ it) and, on the CPU, flush-to-zero for denormals (without it early steps ran man
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,13 +42,23 @@ from depthgrow.checkpoint import (
 )
 from depthgrow.config import RESUME_FREE_KEYS, RunConfig, config_differences, read_toml, save_config
 from depthgrow.data import Batches, make_batches
+from depthgrow.distributed import (
+    World,
+    full_model_state,
+    load_optimizer_state_by_name,
+    optimizer_state_by_name,
+    plain_module,
+    world,
+    wrap,
+)
 from depthgrow.errors import DepthgrowError
-from depthgrow.flops import DEPTHGROW
+from depthgrow.flops import DEPTHGROW, peak_tflops
 from depthgrow.growth import grow
 from depthgrow.metrics import LOG_NAME, JsonlLog, Progress
 from depthgrow.models import build_model
 from depthgrow.optim import OptimizerChain, build_optimizer
 from depthgrow.schedule import GrowthPlan, lr_multiplier
+from depthgrow.trackers import Trackers
 
 if TYPE_CHECKING:
     from depthgrow.vision import ImageBatches
@@ -65,6 +77,7 @@ class TrainState:
     flops: float = 0.0  # cumulative training FLOPs across depth changes (depthgrow counting)
     train_time_s: float = 0.0  # time in training steps only: no evaluation, checkpoint or growth
     growth_time_s: float = 0.0
+    compile_time_s: float = 0.0  # the first step after each (re)compile: compilation plus one step
     last_val_loss: float | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -77,6 +90,7 @@ class RunResult:
     state: TrainState
     final_val_loss: float | None  # None when the run stopped before its last step
     finished: bool
+    is_main: bool = True  # rank 0 (the only one that reports) or a single process
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,22 +110,31 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+    model: nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    *,
+    world: World | None = None,
+    autocast: AbstractContextManager | None = None,
 ) -> tuple[float, float]:
-    """Mean loss and accuracy (of the next token, or of the class) over the fixed validation batches."""
+    """Mean loss and accuracy (of the next token, or of the class) over the fixed validation batches;
+    across ranks each takes its rows of every batch (so that every rank runs every forward, as FSDP2
+    needs) and the sums are added up."""
     model.eval()
     # summed on the device and read once: a read per batch would wait for the device every batch
-    loss = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    count = 0
+    totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
     for x, y in batches:
-        logits = model(x.to(device))
-        y = y.to(device)
-        loss += loss_fn(logits, y) * y.numel()  # weighted: the last image batch may be smaller
-        correct += (logits.argmax(dim=-1) == y).sum()
-        count += y.numel()
+        if world is not None:
+            x, y = world.shard(x), world.shard(y)
+        x, y = x.to(device), y.to(device)
+        with autocast or contextlib.nullcontext():
+            logits = model(x)
+        totals[0] += loss_fn(logits.float(), y) * y.numel()  # weighted: the last image batch may be smaller
+        totals[1] += (logits.argmax(dim=-1) == y).sum()
+        totals[2] += y.numel()
     model.train()
-    return loss.item() / count, correct.item() / count
+    loss_sum, correct, count = (totals if world is None else world.sum(totals)).tolist()
+    return loss_sum / count, correct / count
 
 
 class _StopRequest:
@@ -142,8 +165,11 @@ def _stop_on_signals() -> Iterator[_StopRequest]:
             signal.signal(sig, handler)
 
 
-def _prepare_out_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
-    """Check the output folder before any expensive work; return the checkpoint to resume from."""
+def _prepare_out_dir(
+    config: RunConfig, *, resume: bool, overwrite: bool, is_main: bool = True
+) -> dict[str, Any] | None:
+    """Check the output folder before any expensive work (only rank 0 writes to it); return the
+    checkpoint to resume from."""
     out_dir = Path(config.train.out_dir)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     if resume:
@@ -158,6 +184,8 @@ def _prepare_out_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> dic
         raise DepthgrowError(
             f"{out_dir} already holds a run; resume it with --resume, or pass --overwrite to start over"
         )
+    if not is_main:
+        return None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         # a fresh start must not leave the old run's checkpoint behind for a later --resume to pick up
@@ -171,40 +199,69 @@ def _prepare_out_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> dic
 
 @dataclass
 class _Run:
-    """What one training run holds while it runs."""
+    """What one training run holds while it runs. ``model`` is what the step runs (wrapped for DDP,
+    sharded for FSDP2, compiled if asked); :func:`plain_module` gives the model inside."""
 
     config: RunConfig
     plan: GrowthPlan
     batches: Batches | ImageBatches
     val_batches: list[tuple[torch.Tensor, torch.Tensor]]
     device: torch.device
+    world: World
     model: nn.Module
     optimizer: OptimizerChain
     state: TrainState
-    log: JsonlLog
+    log: JsonlLog | None  # rank 0 only
+    trackers: Trackers  # TensorBoard, W&B if asked (rank 0 only)
+    peak_flops: float | None  # per second, per device, for MFU
+    compile_pending: bool = False  # the next step compiles: its time is compile time
 
-    def train_step(self) -> float:
+    def autocast(self) -> AbstractContextManager:
+        precision = self.config.train.precision
+        bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log.write(record)
+            self.trackers.log(record)
+
+    def train_step(self, stop: _StopRequest) -> tuple[float, bool]:
+        """One optimizer step on this rank's share of the global batch; return the loss over the global
+        batch and whether any rank was asked to stop (one all-reduce carries both)."""
         total = self.config.train.steps
         self.optimizer.set_lr_multiplier(lr_multiplier(self.state.step, total, self.config.schedule))
         started = time.perf_counter()
         x, y = self.batches.train_batch(self.state.step)
-        loss = loss_fn(self.model(x.to(self.device)), y.to(self.device))
+        x, y = self.world.shard(x).to(self.device), self.world.shard(y).to(self.device)
+        with self.autocast():
+            loss = loss_fn(self.model(x), y)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()
+        shared = torch.stack([loss.detach(), torch.tensor(float(stop.requested), device=self.device)])
+        loss_sum, stops = self.world.sum(shared).tolist()
+        loss_value = loss_sum / self.world.size
         if not math.isfinite(loss_value):
             raise DepthgrowError(
                 f"the training loss became {loss_value} at step {self.state.step + 1}; the last checkpoint "
                 "(if any) is left as it was; lower optim.lr or check the data"
             )
-        self.state.train_time_s += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        if self.compile_pending:
+            self.state.compile_time_s += seconds
+            self.compile_pending = False
+        else:
+            self.state.train_time_s += seconds
+        step_flops = DEPTHGROW.per_unit(plain_module(self.model).config) * self.batches.units_per_step
         self.state.step += 1
         self.state.units += self.batches.units_per_step
-        self.state.flops += DEPTHGROW.per_unit(self.model.config) * self.batches.units_per_step
+        self.state.flops += step_flops
         record = dict(event="train", step=self.state.step, loss=loss_value, lr=self.optimizer.param_groups[0]["lr"])
-        self.log.write({**record, **self.counters()})
-        return loss_value
+        if self.peak_flops is not None:
+            record["mfu"] = step_flops / seconds / (self.peak_flops * self.world.size)
+        self.write({**record, **self.counters()})
+        return loss_value, stops > 0
 
     def counters(self) -> dict[str, Any]:
         return {
@@ -215,16 +272,20 @@ class _Run:
         }
 
     def evaluate(self, phase: str | None = None) -> float:
-        val_loss, accuracy = evaluate(self.model, self.val_batches, self.device)
+        val_loss, accuracy = evaluate(
+            self.model, self.val_batches, self.device, world=self.world, autocast=self.autocast()
+        )
         self.state.last_val_loss = val_loss
         record = dict(event="eval", step=self.state.step, val_loss=val_loss, val_accuracy=accuracy, **self.counters())
         if phase is not None:
             record["phase"] = phase
-        if hasattr(self.model, "expert_usage"):  # mixtures of experts: load per block since the last eval
-            record["expert_usage"] = self.model.expert_usage()
-            self.model.reset_expert_usage()
-        self.log.write(record)
-        self.log.flush()
+        model = plain_module(self.model)
+        if hasattr(model, "expert_usage"):  # mixtures of experts: load per block since the last eval (rank 0's)
+            record["expert_usage"] = model.expert_usage()
+            model.reset_expert_usage()
+        self.write(record)
+        if self.log is not None:
+            self.log.flush()
         return val_loss
 
     def expand(self) -> None:
@@ -232,19 +293,21 @@ class _Run:
         started = time.perf_counter()
         source_depth, target_depth = self.state.depth, self.plan.depth_at(self.state.step)
         growth = self.config.growth
-        self.model, self.optimizer, _ = grow(
-            self.model,
-            self.optimizer,
+        model, optimizer = self._plain_for_growth()
+        model, optimizer, _ = grow(
+            model,
+            optimizer,
             target_depth,
             growth.init,
             seed=self.config.train.seed,
             copy_optimizer_state=growth.copy_optimizer_state,
         )
+        self._rewrap(model, optimizer)
         seconds = time.perf_counter() - started
         self.state.growth_time_s += seconds
         self.state.depth = target_depth
         after = self.evaluate("post_growth")
-        self.log.write(
+        self.write(
             dict(
                 event="growth",
                 step=self.state.step,
@@ -257,11 +320,41 @@ class _Run:
             )
         )
 
+    def _plain_for_growth(self) -> tuple[nn.Module, OptimizerChain]:
+        """The unwrapped model and an optimizer over it: DDP's and compile's are inside the wrappers; an
+        FSDP2 model is gathered into a plain one with its optimizer state, by parameter name."""
+        if self.world.parallel != "fsdp":
+            return plain_module(self.model), self.optimizer
+        weights = full_model_state(self.model)
+        states = optimizer_state_by_name(self.model, self.optimizer)
+        model = build_model(
+            self.config.model.with_depth(self.state.depth), seed=self.config.train.seed, device=self.device
+        )
+        model.load_state_dict(weights)
+        optimizer = build_optimizer(model, self.config.optim)
+        load_optimizer_state_by_name(model, optimizer, states)
+        return model, optimizer
+
+    def _rewrap(self, model: nn.Module, optimizer: OptimizerChain) -> None:
+        """Wrap the grown model again; under FSDP2 the optimizer is rebuilt over the new shards and each
+        parameter's state sharded as the parameter is."""
+        states = optimizer_state_by_name(model, optimizer) if self.world.parallel == "fsdp" else None
+        self.model = wrap(model, self.world, compile_model=self.config.train.compile)
+        self.compile_pending = self.config.train.compile
+        if states is None:
+            self.optimizer = optimizer
+            return
+        self.optimizer = build_optimizer(plain_module(self.model), self.config.optim)
+        load_optimizer_state_by_name(self.model, self.optimizer, states)
+
     def save(self) -> None:
-        payload = training_state(self.model, self.optimizer)
+        payload = training_state(plain_module(self.model), self.optimizer)  # a collective under FSDP2
+        if not self.world.is_main:
+            return
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
+        self.trackers.flush()
         payload.update(
             config=self.config.to_dict(), train_state=self.state.state_dict(), rng=rng, log_offset=self.log.flush()
         )
@@ -279,15 +372,41 @@ def train(
 ) -> RunResult:
     """Run (or, with ``resume``, continue) training as ``config`` says; ``stop_at`` ends the run after
     that many steps with a checkpoint, as a kill would, so that it can be resumed. ``resume_hint`` is the
-    command printed after a Ctrl-C (default: ``depthgrow train --resume OUT_DIR``)."""
+    command printed after a Ctrl-C (default: ``depthgrow train --resume OUT_DIR``). Under torchrun with
+    ``train.parallel`` ddp or fsdp every rank calls this; rank 0 alone writes the outputs."""
     config.validate()
-    checkpoint = _prepare_out_dir(config, resume=resume, overwrite=overwrite)
+    with world(config.train.parallel, config.train.device, config.train.batch_size) as (ranks, device_name):
+        return _train(
+            config,
+            ranks,
+            device_name,
+            resume=resume,
+            overwrite=overwrite,
+            stop_at=stop_at,
+            label=label,
+            resume_hint=resume_hint,
+        )
+
+
+def _train(
+    config: RunConfig,
+    ranks: World,
+    device_name: str,
+    *,
+    resume: bool,
+    overwrite: bool,
+    stop_at: int | None,
+    label: str,
+    resume_hint: str | None,
+) -> RunResult:
+    checkpoint = _prepare_out_dir(config, resume=resume, overwrite=overwrite, is_main=ranks.is_main)
+    ranks.barrier()  # rank 0 has cleared the folder of a previous run
     start_step = checkpoint["train_state"]["step"] if checkpoint else 0
     if stop_at is not None and not start_step < stop_at <= config.train.steps:
         raise DepthgrowError(f"--stop-at must be in ({start_step}, {config.train.steps}], got {stop_at}")
     out_dir = Path(config.train.out_dir)
 
-    device = resolve_device(config.train.device)
+    device = resolve_device(device_name)
     if device.type == "cpu":
         torch.set_flush_denormal(True)
     batches = make_batches(
@@ -300,29 +419,57 @@ def train(
     plan = config.plan()
     torch.manual_seed(config.train.seed)
     state = TrainState(**checkpoint["train_state"]) if checkpoint else TrainState(depth=plan.initial_depth)
-    model = build_model(config.model.with_depth(state.depth), seed=config.train.seed, device=device)
-    optimizer = build_optimizer(model, config.optim)
+    plain = build_model(config.model.with_depth(state.depth), seed=config.train.seed, device=device)
+    model = wrap(plain, ranks, compile_model=config.train.compile)
+    optimizer = build_optimizer(plain_module(model), config.optim)
     if checkpoint:
-        restore_training_state(model, optimizer, checkpoint)
+        restore_training_state(plain_module(model), optimizer, checkpoint)
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-    log = JsonlLog(out_dir / LOG_NAME, truncate_to=checkpoint["log_offset"] if checkpoint else None)
-    run = _Run(config, plan, batches, batches.val_batches(), device, model, optimizer, state, log)
+    log, trackers = None, Trackers()
+    if ranks.is_main:
+        log = JsonlLog(out_dir / LOG_NAME, truncate_to=checkpoint["log_offset"] if checkpoint else None)
+        trackers = Trackers.open(
+            config.train.loggers,
+            out_dir=out_dir,
+            run_name=out_dir.name,
+            config=config.to_dict(),
+            resume=checkpoint is not None,
+            resume_step=state.step if checkpoint else None,
+        )
+    peak = peak_tflops(device, config.train.peak_tflops, config.train.precision)
+    run = _Run(
+        config,
+        plan,
+        batches,
+        batches.val_batches(),
+        device,
+        ranks,
+        model,
+        optimizer,
+        state,
+        log,
+        trackers,
+        None if peak is None else peak * 1e12,
+        compile_pending=config.train.compile,
+    )
     model.train()
 
     total = config.train.steps
-    progress = Progress(total=total, initial=state.step, label=label)
+    quiet = None if ranks.is_main else open(os.devnull, "w")  # noqa: SIM115 - closed below
+    progress = Progress(total=total, initial=state.step, label=label, **({"stream": quiet} if quiet else {}))
     if checkpoint:
         progress.write(f"{label}: resumed at step {state.step} (depth {state.depth}) from {out_dir / CHECKPOINT_NAME}")
     saved_at = state.step if checkpoint else -1
+    stopped = False
     with _stop_on_signals() as stop:
         try:
-            while state.step < total and not stop.requested and (stop_at is None or state.step < stop_at):
+            while state.step < total and not stopped and (stop_at is None or state.step < stop_at):
                 if plan.depth_at(state.step) > state.depth:
                     run.expand()
                     progress.write(f"{label}: grew to depth {state.depth} at step {state.step}")
-                loss = run.train_step()
+                loss, stopped = run.train_step(stop)
                 if state.step % config.train.eval_every == 0 or state.step == total:
                     run.evaluate()
                 if state.step % config.train.checkpoint_every == 0 or state.step == total:
@@ -330,12 +477,18 @@ def train(
                     saved_at = state.step
                 rate = state.units / max(state.train_time_s, 1e-9)
                 fields = {"loss": f"{loss:.3f}", f"{batches.unit}/s": f"{rate:.0f}", "depth": str(state.depth)}
+                if run.peak_flops is not None:
+                    fields["mfu"] = f"{state.flops / max(state.train_time_s, 1e-9) / (run.peak_flops * ranks.size):.1%}"
                 progress.update(state.step, {**fields, "flops": f"{state.flops:.2e}"})
             if saved_at != state.step:
                 run.save()
         finally:
             progress.close()
-            log.close()
+            if log is not None:
+                log.close()
+            trackers.close()
+            if quiet is not None:
+                quiet.close()
 
     if state.step == total:
         summary = {
@@ -345,12 +498,14 @@ def train(
             "depths": list(plan.depths),
             "growth_steps": list(plan.steps),
         }
-        (out_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
-        return RunResult(out_dir, state, state.last_val_loss, True)
-    if stop.requested:
-        hint = resume_hint or f"depthgrow train --resume {out_dir}"
+        if ranks.is_main:
+            (out_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+        return RunResult(out_dir, state, state.last_val_loss, True, ranks.is_main)
+    if stopped and ranks.is_main:
+        launcher = f"torchrun --nproc_per_node {ranks.size} -m " if ranks.initialised else ""
+        hint = resume_hint or f"{launcher}depthgrow train --resume {out_dir}"
         print(f"{label}: interrupted at step {state.step}; checkpoint saved. Resume with: {hint}", file=sys.stderr)
-    return RunResult(out_dir, state, None, False)
+    return RunResult(out_dir, state, None, False, ranks.is_main)
 
 
 def run_or_reuse(

@@ -171,7 +171,7 @@ def test_a_checkpoint_before_the_first_step_holds_no_optimizer_state(tmp_path):
     model = build_model(config.model, seed=0)
     optimizer = build_optimizer(model, config.optim)
     payload = training_state(model, optimizer)
-    assert payload["optimizer"] is None and all(not opt.state for opt in optimizer.optimizers)
+    assert payload["optimizer"] == {} and all(not opt.state for opt in optimizer.optimizers)
     restore_training_state(model, optimizer, payload)
     assert all(not opt.state for opt in optimizer.optimizers)
 
