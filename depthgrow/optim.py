@@ -171,6 +171,8 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> OptimizerChain:
                 betas=(config.beta1, config.beta2),
                 eps=config.eps,
                 weight_decay=config.weight_decay,
+                # one fused kernel for all parameters on a GPU; the default (foreach) elsewhere
+                fused=True if named and all(p.device.type == "cuda" for _, p in named) else None,
             )
         ]
     else:
