@@ -52,18 +52,34 @@ def assert_same_losses(run_dir, reference_dir) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("single") / "run"
-    done = single(*RUN, "--out", str(out))
-    assert done.returncode == 0, done.stderr
-    return out
+def single_runs(tmp_path_factory):
+    """The single-process run of RUN for a model preset, trained once per module."""
+    runs = {}
+
+    def run(preset: str = "gpt2-test"):
+        if preset not in runs:
+            out = tmp_path_factory.mktemp("single") / preset
+            done = single(*RUN, "--model", preset, "--out", str(out))
+            assert done.returncode == 0, done.stderr
+            runs[preset] = out
+        return runs[preset]
+
+    return run
 
 
+@pytest.fixture
+def reference(single_runs):
+    return single_runs()
+
+
+# the mixture of experts: experts without tokens on a rank have no gradient there, and the balancing
+# bias follows the global load
+@pytest.mark.parametrize("preset", ["gpt2-test", "moe-test"])
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_a_progressive_run_on_two_processes_repeats_the_single_process_losses(tmp_path, reference, parallel):
-    done = torchrun(*RUN, "--train.parallel", parallel, "--out", str(tmp_path / parallel))
+def test_a_progressive_run_on_two_processes_repeats_the_single_process_losses(tmp_path, single_runs, parallel, preset):
+    done = torchrun(*RUN, "--model", preset, "--train.parallel", parallel, "--out", str(tmp_path / parallel))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert_same_losses(tmp_path / parallel, reference)
+    assert_same_losses(tmp_path / parallel, single_runs(preset))
     growth = [r for r in read_log(tmp_path / parallel / "log.jsonl") if r["event"] == "growth"]
     assert [(g["step"], g["from_depth"], g["to_depth"]) for g in growth] == [(5, 0, 2)]
     assert done.stdout.count("final validation loss") == 1  # only rank 0 reports

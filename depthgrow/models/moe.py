@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -172,6 +173,10 @@ class MoEFeedForward(nn.Module):
 
     @torch.no_grad()
     def _balance(self, load: torch.Tensor) -> None:
+        if dist.is_available() and dist.is_initialized():
+            # balanced over the global batch, as one process training on all of it would be
+            load = load.clone()
+            dist.all_reduce(load)
         self.tokens_per_expert += load
         # DeepSeek-V3's auxiliary-loss-free balancing: an overloaded expert's bias falls, an idle one's rises
         self.gate.e_score_correction_bias += self.balance_rate * torch.sign(load.float().mean() - load)
@@ -179,6 +184,8 @@ class MoEFeedForward(nn.Module):
 
 class MoE(Llama):
     """The LLaMA decoder with a :class:`MoEFeedForward` in every block (see the module docstring)."""
+
+    may_skip_parameters = True  # an expert that gets no token in a step has no gradient (DDP must know)
 
     def new_block(self) -> Block:
         return Block(self.config, MoEFeedForward(self.config))
