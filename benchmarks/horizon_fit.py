@@ -1,0 +1,78 @@
+"""Extrapolate the horizon experiment: at what run length would a progressive run mix?
+
+    depthgrow experiment horizon --full --out results      # the runs (about 4 hours on 2 CPU cores)
+    python benchmarks/horizon_fit.py results/horizon/summary.json
+
+Reads the experiment's summary (progressive runs grown at 0.8 T and their fixed-depth baselines, for
+several T) and prints:
+
+- per source depth, the gap's power law in T (a least-squares line in log-log) and the T at which it
+  would fall to 1 % and 0.5 %;
+- the fixed-depth runs' loss law L(T) = E + A T^-alpha and, for each progressive run, the loss of a
+  fixed-depth run given the same FLOPs (a shorter run, T' = compute fraction x T, read off the law):
+  whether growing beat simply training the full-depth model for fewer steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def gap_law(lengths: list[float], gaps: list[float]) -> tuple[float, float]:
+    """(a, b) of gap = a T^-b, fitted on log-log."""
+    slope, intercept = np.polyfit(np.log(lengths), np.log(gaps), 1)
+    return float(np.exp(intercept)), float(-slope)
+
+
+def loss_law(lengths: list[float], losses: list[float]) -> tuple[float, float, float]:
+    """(E, A, alpha) of L(T) = E + A T^-alpha: for each E on a grid below the smallest loss a log-log line
+    fits the rest; the E with the smallest squared error in L wins."""
+    t, loss = np.asarray(lengths, float), np.asarray(losses, float)
+    best = None
+    for floor in np.linspace(0.0, loss.min() - 1e-4, 2000):
+        slope, intercept = np.polyfit(np.log(t), np.log(loss - floor), 1)
+        error = float(np.sum((floor + np.exp(intercept) * t**slope - loss) ** 2))
+        if best is None or error < best[0]:
+            best = (error, float(floor), float(np.exp(intercept)), float(-slope))
+    return best[1], best[2], best[3]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("summary", type=Path, help="results/horizon/summary.json")
+    rows = json.loads(parser.parse_args().summary.read_text())
+
+    baselines = sorted({(row["x"], row["baseline_val_loss"]) for row in rows})
+    energy, scale, alpha = loss_law([t for t, _ in baselines], [loss for _, loss in baselines])
+    print(f"fixed depth: L(T) = {energy:.4f} + {scale:.3g} T^-{alpha:.3f}")
+    for t, loss in baselines:
+        print(f"  T={t:>6}: measured {loss:.4f}, law {energy + scale * t**-alpha:.4f}")
+
+    by_source = defaultdict(list)
+    for row in rows:
+        by_source[row["source_depth"]].append(row)
+    for source, runs in sorted(by_source.items()):
+        runs.sort(key=lambda row: row["x"])
+        a, b = gap_law([row["x"] for row in runs], [row["gap_pct"] for row in runs])
+        reach = {target: (a / target) ** (1 / b) for target in (1.0, 0.5)}
+        print(
+            f"\nsource {source}: gap = {a:.3g} T^-{b:.3f} %; 1 % at T ~ {reach[1.0]:,.0f}, "
+            f"0.5 % at T ~ {reach[0.5]:,.0f} (steps after the expansion: 0.2 T)"
+        )
+        print(f"  {'T':>6} {'gap %':>7} {'FLOPs':>7} {'progressive':>11} {'fixed, same FLOPs':>17} {'difference':>10}")
+        for row in runs:
+            matched = energy + scale * (row["compute_fraction"] * row["x"]) ** -alpha
+            loss, fraction = row["final_val_loss"], row["compute_fraction"]
+            print(
+                f"  {row['x']:>6} {row['gap_pct']:>+7.2f} {fraction:>7.1%} {loss:>11.4f} "
+                f"{matched:>17.4f} {100 * (loss / matched - 1):>+9.2f}%"
+            )
+
+
+if __name__ == "__main__":
+    main()
