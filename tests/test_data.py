@@ -1,8 +1,6 @@
 """Token data: the embedded corpus, text files and folders, nanoGPT bins, GPT-2 BPE, and batches."""
 
 import base64
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -390,12 +388,7 @@ def test_bpe_file_rewritten_in_place_is_reread(tmp_path, bpe_env):
     assert load_data(config).vocab_size == 258
 
 
-def test_real_gpt2_bpe(tmp_path, monkeypatch):
-    pytest.importorskip("tiktoken")
-    real = os.environ.get(GPT2_BPE_ENV)
-    if not real or not Path(real).is_file():
-        pytest.skip(f"set {GPT2_BPE_ENV} to a gpt2.tiktoken file (whisper/assets/gpt2.tiktoken) to run this test")
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken-cache"))
+def test_real_gpt2_bpe(tmp_path, real_gpt2_bpe):
     (tmp_path / "doc.txt").write_text("Hello world", encoding="utf-8")
     data = load_data(DataConfig(path=str(tmp_path / "doc.txt"), tokenizer="gpt2", val_fraction=0.5))
     assert data.vocab_size == 50257

@@ -1,7 +1,6 @@
 """Token shards: `depthgrow prepare` (text and Hugging Face datasets), the shard reader and its checks."""
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from test_data import write_ranks
 from depthgrow import data as data_module
 from depthgrow.cli import main
 from depthgrow.data import (
-    GPT2_BPE_ENV,
     SHARD_HEADER_BYTES,
     Batches,
     DataConfig,
@@ -91,12 +89,7 @@ def test_prepared_gpt2_shards_end_every_document_with_end_of_text(tmp_path, monk
     assert data.vocab_size == 50257
 
 
-def test_prepared_with_the_real_gpt2_bpe(tmp_path, monkeypatch):
-    pytest.importorskip("tiktoken")
-    real = os.environ.get(GPT2_BPE_ENV)
-    if not real or not Path(real).is_file():
-        pytest.skip(f"set {GPT2_BPE_ENV} to a gpt2.tiktoken file (whisper/assets/gpt2.tiktoken) to run this test")
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken-cache"))
+def test_prepared_with_the_real_gpt2_bpe(tmp_path, real_gpt2_bpe):
     prepare(["Hello world", "Hello"], tmp_path / "out", tokenizer="gpt2", val_fraction=0.5)
     data = load_data(DataConfig(path=str(tmp_path / "out"), tokenizer="gpt2"))
     # Hello | world, and none of "Hello" in train (round(0.5) = 0); <|endoftext|> after every part
