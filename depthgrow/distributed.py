@@ -44,8 +44,10 @@ class World:
         return self.parallel != "none"
 
     def shard(self, batch: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of a global batch (contiguous, equal slices)."""
-        return batch.chunk(self.size)[self.rank] if self.size > 1 else batch
+        """This rank's rows of a global batch: contiguous slices, equal when the rows divide evenly (training
+        batches always do); otherwise the first ranks take one row more and, with fewer rows than ranks,
+        the last ones none (a short last validation batch of images), so every rank has a slice."""
+        return batch.tensor_split(self.size)[self.rank] if self.size > 1 else batch
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum over ranks (in place); the tensor itself for a single process."""
@@ -65,8 +67,9 @@ def launched_by_torchrun() -> bool:
 @contextmanager
 def world(parallel: str, device_name: str, batch_size: int) -> Iterator[tuple[World, str]]:
     """Join the process group torchrun set up (gloo on the CPU, NCCL on GPUs) for the run's duration;
-    yield the world and the device this rank trains on. Teardown waits at a barrier first: without it,
-    destroying the group while a peer still finished its last collective crashed about 1 run in 13."""
+    yield the world and the device this rank trains on. A run that ends normally waits at a barrier
+    before leaving the group: without it, destroying the group while a peer still finished its last
+    collective crashed about 1 run in 13. An error leaves at once (see below)."""
     if not launched_by_torchrun():
         if parallel != "none":
             raise DepthgrowError(
@@ -86,6 +89,11 @@ def world(parallel: str, device_name: str, batch_size: int) -> Iterator[tuple[Wo
     if batch_size % size:
         raise DepthgrowError(f"train.batch_size={batch_size} must be a multiple of the world size {size}")
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise DepthgrowError(
+            f"train.device={device_name} but local rank {local_rank} has no CUDA device of its own (this machine "
+            f"has {torch.cuda.device_count()}); start at most that many processes per node, or use train.device=cpu"
+        )
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device_name = f"cuda:{local_rank}"
@@ -94,9 +102,14 @@ def world(parallel: str, device_name: str, batch_size: int) -> Iterator[tuple[Wo
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     try:
         yield World(rank=rank, size=size, local_rank=local_rank, parallel=parallel), device_name
-    finally:
-        dist.barrier()
+    except BaseException:
+        # no barrier on the way out of an error: the other ranks may be waiting in another collective
+        # (an error on this rank only), and a barrier would hang this one with them; leaving lets
+        # torchrun see the failure and stop the rest
         dist.destroy_process_group()
+        raise
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def wrap(model: nn.Module, world: World, *, compile_model: bool) -> nn.Module:
@@ -116,6 +129,10 @@ def wrap(model: nn.Module, world: World, *, compile_model: bool) -> nn.Module:
                 fully_shard(block)
         fully_shard(model)
     if compile_model:
+        # the graphs of earlier models (before an expansion, or of an earlier run in this process) never run
+        # again: dropped, or with two per model (train and eval) dynamo's recompile limit (8 per function)
+        # sent the model back to eager from the fourth expansion on
+        torch.compiler.reset()
         model = torch.compile(model)
     return model
 

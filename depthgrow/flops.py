@@ -78,9 +78,10 @@ def compare_compute(
 
 
 # dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched against the device name
-# in this order (H100 PCIe before the SXM figure that a bare "H100" gets)
+# in this order (H100 PCIe and NVL before the SXM figure that a bare "H100" gets, L40S and L40 before L4)
 BF16_PEAK_TFLOPS = (
     ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
     ("H100", 989.0),
     ("H200", 989.0),
     ("H800", 989.0),
@@ -88,6 +89,7 @@ BF16_PEAK_TFLOPS = (
     ("B200", 2250.0),
     ("A100", 312.0),
     ("L40S", 362.0),
+    ("L40", 181.0),
     ("L4", 121.0),
 )
 

@@ -129,7 +129,8 @@ def evaluate(
         x, y = x.to(device), y.to(device)
         with autocast or contextlib.nullcontext():
             logits = model(x)
-        totals[0] += loss_fn(logits.float(), y) * y.numel()  # weighted: the last image batch may be smaller
+        if y.numel():  # a rank's slice of a short last batch may be empty: it still ran the forward
+            totals[0] += loss_fn(logits.float(), y) * y.numel()  # weighted: the last image batch may be smaller
         totals[1] += (logits.argmax(dim=-1) == y).sum()
         totals[2] += y.numel()
     model.train()
@@ -280,7 +281,7 @@ class _Run:
         if phase is not None:
             record["phase"] = phase
         model = plain_module(self.model)
-        if hasattr(model, "expert_usage"):  # mixtures of experts: load per block since the last eval (rank 0's)
+        if hasattr(model, "expert_usage"):  # mixtures of experts: load per block since the last eval (global batch)
             record["expert_usage"] = model.expert_usage()
             model.reset_expert_usage()
         self.write(record)
@@ -375,6 +376,11 @@ def train(
     command printed after a Ctrl-C (default: ``depthgrow train --resume OUT_DIR``). Under torchrun with
     ``train.parallel`` ddp or fsdp every rank calls this; rank 0 alone writes the outputs."""
     config.validate()
+    if config.train.compile and not torch._dynamo.is_dynamo_supported():
+        raise DepthgrowError(
+            f"train.compile=true, but torch {torch.__version__} cannot compile on Python {sys.version.split()[0]}; "
+            "train without --train.compile"
+        )
     with world(config.train.parallel, config.train.device, config.train.batch_size) as (ranks, device_name):
         return _train(
             config,

@@ -7,9 +7,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 from depthgrow import DepthgrowError, load_config, train
+from depthgrow.distributed import World, world
+from depthgrow.flops import peak_tflops
 from depthgrow.metrics import read_log
+from depthgrow.train import evaluate
 
 # 0 -> 2 blocks at step 5 of 12, Muon-NSGD (Muon on the sharded block matrices under FSDP2)
 RUN = [
@@ -130,7 +136,11 @@ def test_a_compiled_run_is_recompiled_at_the_expansion_and_matches_eager(tmp_pat
         )  # fmt: skip
         return train(config)
 
-    eager, compiled = run("eager", False), run("compiled", True)
+    eager = run("eager", False)
+    # two graphs per model (train and eval): a stale model's graphs left in dynamo's cache would pass
+    # the limit at the expansion and (silently, by default) send the grown model back to eager
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        compiled = run("compiled", True)
     expected, got = curve(eager.out_dir), curve(compiled.out_dir)
     assert [point[:2] for point in got] == [point[:2] for point in expected]
     for (_, step, loss), (_, _, reference) in zip(got, expected, strict=True):
@@ -138,3 +148,84 @@ def test_a_compiled_run_is_recompiled_at_the_expansion_and_matches_eager(tmp_pat
     # the first step of each (re)compiled model is compile time, kept out of the training time
     assert compiled.state.compile_time_s > 0 and eager.state.compile_time_s == 0
     assert compiled.state.train_time_s < compiled.state.compile_time_s
+
+
+def test_an_expert_idle_on_one_rank_but_not_the_other_trains_under_fsdp(tmp_path):
+    # 32 experts for 8 tokens a rank: many get tokens on one rank only; the other still runs them (on no
+    # token), so that FSDP2 reduce-scatters the same gradients on both (a size mismatch failed before)
+    args = ["--model", "moe-test", "--model.n_expert", "32", "--model.block_size", "8", "--train.steps", "4",
+            "--train.batch_size", "2", "--train.eval_every", "4", "--train.eval_batches", "1"]  # fmt: skip
+    done = torchrun(*args, "--train.parallel", "fsdp", "--out", str(tmp_path / "fsdp"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = single(*args, "--out", str(tmp_path / "single"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert_same_losses(tmp_path / "fsdp", tmp_path / "single")
+
+
+FAIL_ON_RANK_0 = """
+import importlib, os, sys
+from depthgrow import DepthgrowError
+if os.environ["RANK"] == "0":
+    def fail(*args, **kwargs):
+        raise DepthgrowError("the tracker failed on rank 0")
+    importlib.import_module("depthgrow.train").Trackers.open = staticmethod(fail)
+from depthgrow.cli import main
+sys.exit(main())
+"""
+
+
+def test_an_error_on_one_rank_ends_the_run_instead_of_hanging(tmp_path):
+    script = tmp_path / "fail_on_rank_0.py"
+    script.write_text(FAIL_ON_RANK_0)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    args = ["train", *RUN, "--train.parallel", "fsdp", "--out", str(tmp_path / "run")]
+    process = subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        _, stderr = process.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        process.terminate()  # torchrun stops its workers
+        process.communicate()
+        pytest.fail("an error on rank 0 left the run hanging (rank 0 at a barrier, rank 1 in a forward)")
+    assert process.returncode != 0
+    assert "depthgrow: error: the tracker failed on rank 0" in stderr
+
+
+def test_a_short_last_batch_leaves_a_rank_an_empty_slice_that_adds_nothing():
+    rows = torch.arange(7)
+    for size in (2, 3, 4, 8):
+        slices = [World(rank=rank, size=size, parallel="ddp").shard(rows) for rank in range(size)]
+        assert torch.equal(torch.cat(slices), rows)  # every rank has a slice, even where 7 < size
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    # rank 1 of 2 (World.sum adds nothing here): the last row of the first batch, none of the second
+    loss, accuracy = evaluate(model, [(x, y), (x[:1], y[:1])], torch.device("cpu"), world=World(rank=1, size=2))
+    with torch.no_grad():
+        assert loss == pytest.approx(F.cross_entropy(model(x[2:]), y[2:]).item())
+
+
+def test_more_processes_on_a_node_than_gpus_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "64")
+    with pytest.raises(DepthgrowError, match="local rank 64 has no CUDA device of its own"):
+        with world("ddp", "cuda", 8):
+            pass
+
+
+def test_compile_where_torch_cannot_compile_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    config = load_config(None, {"model.preset": "gpt2-test", "train.compile": "true", "train.out_dir": str(tmp_path)})
+    with pytest.raises(DepthgrowError, match="train without --train.compile"):
+        train(config)
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+     ("NVIDIA L40S", 362.0), ("NVIDIA L40", 181.0), ("NVIDIA L4", 121.0), ("Tesla T4", None)],
+)  # fmt: skip
+def test_the_mfu_peak_is_the_named_gpus_dense_bf16_figure(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_tflops(torch.device("cuda", 0), None, "auto") == peak
+    assert peak_tflops(torch.device("cuda", 0), None, "fp32") is None
+    assert peak_tflops(torch.device("cuda", 0), 100.0, "fp32") == 100.0

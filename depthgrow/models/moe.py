@@ -155,24 +155,26 @@ class MoEFeedForward(nn.Module):
         x = x.reshape(B * T, C)
         chosen, weights = self.route(x)
         load = torch.bincount(chosen.flatten(), minlength=len(self.experts))
-        if self.training:
-            self._balance(load)
+        global_load = self._balance(load) if self.training else load
         # the (token, slot) pairs sorted by expert: each expert then runs once, on its own tokens only
         order = chosen.flatten().argsort(stable=True)
-        sizes = load.tolist()
+        sizes, global_sizes = torch.stack([load, global_load]).tolist()
         tokens, pair_weights = (order // self.top_k).split(sizes), weights.flatten()[order].split(sizes)
         y = torch.zeros_like(x)
-        for expert, rows, w in zip(self.experts, tokens, pair_weights, strict=True):
+        for expert, rows, w, anywhere in zip(self.experts, tokens, pair_weights, global_sizes, strict=True):
             # an expert that got no token is left out of the graph: no gradient, so no optimizer step
-            # (nor weight decay) for it, as if it were not there for this batch
-            if len(rows):
+            # (nor weight decay) for it, as if it were not there for this batch. Across processes that is
+            # decided by the global batch: an expert with tokens on another rank only runs here on none,
+            # so that its gradient (zero here) exists on every rank, as FSDP2's reduce-scatter needs
+            if anywhere:
                 y.index_add_(0, rows, expert(x[rows]) * w[:, None])
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(B, T, C)
 
     @torch.no_grad()
-    def _balance(self, load: torch.Tensor) -> None:
+    def _balance(self, load: torch.Tensor) -> torch.Tensor:
+        """Count the load and move the balancing bias; return the load over the global batch."""
         if dist.is_available() and dist.is_initialized():
             # balanced over the global batch, as one process training on all of it would be
             load = load.clone()
@@ -180,6 +182,7 @@ class MoEFeedForward(nn.Module):
         self.tokens_per_expert += load
         # DeepSeek-V3's auxiliary-loss-free balancing: an overloaded expert's bias falls, an idle one's rises
         self.gate.e_score_correction_bias += self.balance_rate * torch.sign(load.float().mean() - load)
+        return load
 
 
 class MoE(Llama):
