@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from depthgrow.analysis import DEFAULT_MIX_TOLERANCE, closest_gap, eval_curve, last_growth_step, mixing_time
-from depthgrow.config import RunConfig, load_config
+from depthgrow.config import RunConfig, TrainConfig, load_config
 from depthgrow.errors import DepthgrowError
 from depthgrow.growth import GrowthConfig
 from depthgrow.metrics import LOG_NAME, read_log
@@ -165,8 +165,19 @@ EXPERIMENTS: dict[str, Experiment] = {
 }
 
 
+# train fields that came after runs were first stored: part of a run's identity only when set away from
+# their defaults, so that the runs stored before them are still found
+_LATER_TRAIN_FIELDS = ("parallel", "compile", "precision", "peak_tflops", "loggers")
+
+
 def config_hash(config: RunConfig) -> str:
-    identity = {**config.to_dict(), "train": {**dataclasses.asdict(config.train), "out_dir": None}}
+    defaults = TrainConfig()
+    train = {
+        key: value
+        for key, value in dataclasses.asdict(config.train).items()
+        if not (key in _LATER_TRAIN_FIELDS and value == getattr(defaults, key))
+    }
+    identity = {**config.to_dict(), "train": {**train, "out_dir": None}}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
 
 
