@@ -1,13 +1,13 @@
 """Extrapolate the horizon experiment: at what run length would a progressive run mix?
 
-    depthgrow experiment horizon --full --out results      # the runs (about 4 hours on 2 CPU cores)
+    depthgrow experiment horizon --full --out results      # the runs (about an hour on 2 CPU cores)
     python benchmarks/horizon_fit.py results/horizon/summary.json
 
 Reads the experiment's summary (progressive runs grown at 0.8 T and their fixed-depth baselines, for
 several T) and prints:
 
 - per source depth, the gap's power law in T (a least-squares line in log-log) and the T at which it
-  would fall to 1 % and 0.5 %;
+  would fall to 1 % and 0.5 %; and the same T if the run ends as a fixed-depth run given its FLOPs does;
 - the fixed-depth runs' loss law L(T) = E + A T^-alpha and, for each progressive run, the loss of a
   fixed-depth run given the same FLOPs (a shorter run, T' = compute fraction x T, read off the law):
   whether growing beat simply training the full-depth model for fewer steps.
@@ -42,6 +42,20 @@ def loss_law(lengths: list[float], losses: list[float]) -> tuple[float, float, f
     return best[1], best[2], best[3]
 
 
+def _law_reach(energy: float, scale: float, alpha: float, fraction: float, target_pct: float) -> float:
+    """The T at which L(fraction x T) / L(T) - 1 falls to ``target_pct`` under the fixed-depth law: the gap
+    of a run that ends where a fixed-depth run given its FLOPs ends (bisection on log T)."""
+
+    def gap(t: float) -> float:
+        return 100 * ((energy + scale * (fraction * t) ** -alpha) / (energy + scale * t**-alpha) - 1)
+
+    low, high = 1.0, 1e15
+    for _ in range(200):
+        middle = (low * high) ** 0.5
+        low, high = (middle, high) if gap(middle) > target_pct else (low, middle)
+    return high
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("summary", type=Path, help="results/horizon/summary.json")
@@ -63,6 +77,12 @@ def main() -> None:
         print(
             f"\nsource {source}: gap = {a:.3g} T^-{b:.3f} %; 1 % at T ~ {reach[1.0]:,.0f}, "
             f"0.5 % at T ~ {reach[0.5]:,.0f} (steps after the expansion: 0.2 T)"
+        )
+        fraction = runs[0]["compute_fraction"]
+        by_law = {target: _law_reach(energy, scale, alpha, fraction, target) for target in (1.0, 0.5)}
+        print(
+            f"  if the run ends as a fixed-depth run of the same FLOPs: 1 % at T ~ {by_law[1.0]:,.0f}, "
+            f"0.5 % at T ~ {by_law[0.5]:,.0f}"
         )
         print(f"  {'T':>6} {'gap %':>7} {'FLOPs':>7} {'progressive':>11} {'fixed, same FLOPs':>17} {'difference':>10}")
         for row in runs:
