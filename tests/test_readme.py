@@ -1,5 +1,4 @@
 import re
-import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,11 +18,8 @@ def test_quick_start_is_two_commands_install_and_run_then_test():
 
 
 def test_ci_runs_the_quick_start_test_command():
-    script = ROOT / ".ci" / "run"
-    extraction = next(line for line in script.read_text().splitlines() if line.startswith("test_command="))
-    command = extraction.split("=", 1)[1].strip('"')[2:-1]  # the $( ... ) part
-    found = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert found.stdout.strip() == quick_start_commands()[1]
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert quick_start_commands()[1] in lines  # run as a line of its own, exactly as the README writes it
 
 
 def test_the_library_example_runs():
