@@ -159,24 +159,29 @@ def _compare_logits(model, hf_model, state):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-def test_llama_matches_hugging_face(tie):
-    transformers = pytest.importorskip("transformers")
-    config = dataclasses.replace(preset("llama-test"), n_layer=3, tie_embeddings=tie)
-    model = _sharp(config)
-    hf_config = transformers.LlamaConfig(
+def _hf_decoder_fields(config, **rope) -> dict:
+    """The fields that both Hugging Face decoder configs take from a depthgrow decoder, written here by
+    hand (not through depthgrow.export) so that these tests check the models against HF independently."""
+    return dict(
         vocab_size=config.vocab_size,
         hidden_size=config.n_embd,
-        intermediate_size=config.ffn_size,
         num_hidden_layers=config.n_layer,
         num_attention_heads=config.n_head,
         num_key_value_heads=config.n_kv_head,
         max_position_embeddings=config.block_size,
         rms_norm_eps=config.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        tie_word_embeddings=tie,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta, **rope},
+        tie_word_embeddings=config.tie_embeddings,
         attn_implementation="eager",
     )
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_llama_matches_hugging_face(tie):
+    transformers = pytest.importorskip("transformers")
+    config = dataclasses.replace(preset("llama-test"), n_layer=3, tie_embeddings=tie)
+    model = _sharp(config)
+    hf_config = transformers.LlamaConfig(**_hf_decoder_fields(config), intermediate_size=config.ffn_size)
     _compare_logits(model, transformers.LlamaForCausalLM(hf_config), model.state_dict())
 
 
@@ -185,22 +190,13 @@ def test_moe_matches_hugging_face_glm4_moe():
     config = dataclasses.replace(preset("moe-test"), n_layer=3)
     model = _sharp(config)
     hf_config = transformers.Glm4MoeConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.n_embd,
-        num_hidden_layers=config.n_layer,
-        num_attention_heads=config.n_head,
-        num_key_value_heads=config.n_kv_head,
-        max_position_embeddings=config.block_size,
-        rms_norm_eps=config.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta, "partial_rotary_factor": 1.0},
-        tie_word_embeddings=config.tie_embeddings,
+        **_hf_decoder_fields(config, partial_rotary_factor=1.0),
         n_routed_experts=config.n_expert,
         num_experts_per_tok=config.top_k,
         n_shared_experts=config.n_shared_expert,
         moe_intermediate_size=config.expert_hidden,
         first_k_dense_replace=0,
         use_qk_norm=False,
-        attn_implementation="eager",
     )
     # in memory HF fuses the experts (from_pretrained does this from our names); do it by hand here
     state = dict(model.state_dict())
