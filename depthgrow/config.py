@@ -121,7 +121,9 @@ class RunConfig:
         found = list(self.model.problems())
         for name in SECTIONS:
             found += getattr(self, name).problems()
-        if self.model.task == "image" and (self.data.tokenizer != "byte" or self.data.bpe_file is not None):
+        if self.model.task == "image" and (
+            self.data.tokenizer not in ("auto", "byte") or self.data.bpe_file is not None
+        ):
             found.append("data.tokenizer and data.bpe_file are for language models; an image model reads images")
         if self.model.task == "lm" and self.data.augment:
             found.append("data.augment is for image models (random crops and flips); a language model has none")
@@ -181,6 +183,10 @@ def _with_overrides(raw: dict[str, Any], overrides: dict[str, str]) -> dict[str,
 
 def _resolved(config: RunConfig) -> RunConfig:
     config = dataclasses.replace(config.validate(), optim=config.optim.resolved())
+    if config.model.task == "lm":
+        # the tokenizer "auto" stands for, so that the saved config names the one the run uses
+        data = dataclasses.replace(config.data, tokenizer=config.data.tokenizer_for(config.model.vocab_size))
+        config = dataclasses.replace(config, data=data)
     if config.data.path is not None:
         # absolute, so that a resume or a compare rerun from another folder reads the same data
         absolute = str(Path(config.data.path).expanduser().resolve())

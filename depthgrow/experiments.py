@@ -22,13 +22,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from depthgrow.analysis import DEFAULT_MIX_TOLERANCE, closest_gap, eval_curve, last_growth_step, mixing_time
+from depthgrow.compare import fixed_depth, multiplier_fields, multiplier_text, run_flops
 from depthgrow.config import RunConfig, TrainConfig, load_config
 from depthgrow.errors import DepthgrowError
-from depthgrow.growth import GrowthConfig
+from depthgrow.flops import PAPER
+from depthgrow.frontier import Frontier, fit_frontier
 from depthgrow.metrics import LOG_NAME, read_log
 from depthgrow.train import run_or_reuse
 
-PlotKind = Literal["curves", "sweep", "pareto", "lr"]
+PlotKind = Literal["curves", "sweep", "pareto", "lr", "regime"]
 
 
 @dataclass(frozen=True)
@@ -86,12 +88,67 @@ def _source_variants(full: bool, base: RunConfig) -> list[Variant]:
 
 
 def _optimizer_variants(full: bool, base: RunConfig) -> list[Variant]:
-    # each optimizer with its own default learning rate and weight decay (optim.OPTIMIZER_DEFAULTS)
+    # each optimizer with its own default learning rate and weight decay (optim.OPTIMIZER_DEFAULTS); Muon-NSGD
+    # as the paper defines it (Muon on every matrix) and with Muon on the blocks' matrices only
+    optimizers = {
+        "adamw": {"optim.name": "adamw"},
+        "muon-nsgd": {"optim.name": "muon-nsgd", "optim.muon_scope": "all"},
+        "muon-nsgd blocks": {"optim.name": "muon-nsgd", "optim.muon_scope": "blocks"},
+    }
     return [
-        Variant(f"{name} {source} -> L", {"optim.name": name, **_growth(source, 0.8)}, series=name)
-        for name in ("adamw", "muon-nsgd")
+        Variant(f"{name} {source} -> L", {**settings, **_growth(source, 0.8)}, series=name)
+        for name, settings in optimizers.items()
         for source in (0, 1)
     ]
+
+
+def _recipe_variants(full: bool, base: RunConfig) -> list[Variant]:
+    """The choices the paper leaves to an implementation: Muon's per-matrix step scale and the weight init,
+    each at learning rates around the recipe's, for a zero-layer run and its fixed-depth baseline."""
+    factors = (0.5, 1.0, 2.0)
+    return [
+        Variant(
+            f"{adjust} {weight_init} lr x{factor:g}",
+            {
+                "optim.muon_adjust_lr": adjust,
+                "model.weight_init": weight_init,
+                "optim.lr": f"{base.optim.lr * factor:g}",
+                **_growth(0, 0.8),
+            },
+            series=f"{adjust} {weight_init}",
+            x=base.optim.lr * factor,
+        )
+        for adjust in ("original", "match_rms_adamw")
+        for weight_init in ("standard", "spectral")
+        for factor in factors
+    ]
+
+
+def _regime_variants(full: bool, base: RunConfig) -> list[Variant]:
+    """Where the zero-layer phase could pay: the vocabulary (bytes against BPE vocabularies, so the
+    embedding's share of the parameters) and the model's width (tokens per parameter at a fixed budget),
+    with Muon on every matrix (the paper's) and on the blocks only."""
+    vocabularies = (256, 1024, 2048, 4096, 8192) if full else (256, 1024, 2048, 4096)
+    widths = (32, 64, 128) if full else (32, 64)
+    variants = []
+    for width in widths:
+        for vocab in vocabularies if width == base.model.n_embd else (2048,):
+            for scope in ("all", "blocks"):
+                for source in (0, 1):
+                    variants.append(
+                        Variant(
+                            f"d={width} V={vocab} muon {scope} {source} -> L",
+                            {
+                                "model.n_embd": str(width),
+                                "model.vocab_size": str(vocab),
+                                "optim.muon_scope": scope,
+                                **_growth(source, 0.8),
+                            },
+                            series=f"d={width} muon {scope} source {source}",
+                            x=vocab,
+                        )
+                    )
+    return variants
 
 
 def _horizon_variants(full: bool, base: RunConfig) -> list[Variant]:
@@ -147,7 +204,27 @@ EXPERIMENTS: dict[str, Experiment] = {
             _source_variants,
             base=lambda full: {"model.n_layer": "8"},
         ),
-        Experiment("optimizer", "AdamW against Muon-NSGD, fixed and progressive", "curves", _optimizer_variants),
+        Experiment(
+            "optimizer",
+            "AdamW against Muon-NSGD (Muon on every matrix, and on the blocks' only), fixed and progressive",
+            "curves",
+            _optimizer_variants,
+        ),
+        Experiment(
+            "recipe",
+            "Muon's step scale (torch's adjust_lr_fn) and the weight init (standard or muP-style spectral), "
+            "each at three learning rates: the zero-layer run and its fixed-depth baseline",
+            "lr",
+            _recipe_variants,
+        ),
+        Experiment(
+            "regime",
+            "the zero-layer phase is worth more than its FLOPs where the embedding is a large share of the "
+            "model (subword vocabularies) and with the paper's optimizer (Muon on every matrix)",
+            "regime",
+            _regime_variants,
+            x_label="vocabulary size",
+        ),
         Experiment(
             "horizon",
             "the gap closes as more steps follow the expansion (longer runs at the same tau)",
@@ -222,22 +299,31 @@ def run_experiment(
     out = Path(out)
     store = out / "runs"
     rows, logs = [], {}
+    frontiers: dict[str, Frontier | None] = {}  # by the baseline's run folder
     for variant in experiment.variants(full, base):
         config = _stored(base.with_overrides(variant.overrides), store, variant.label)
-        baseline = _stored(dataclasses.replace(config, growth=GrowthConfig()), store, "fixed")
+        baseline = _stored(fixed_depth(config, config.train.steps, Path()), store, "fixed")
         summaries = {}
         for label, run in (("baseline", baseline), (variant.label, config)):
             summary = run_or_reuse(run, label=label, resume_hint=f"the same depthgrow experiment {name} command")
             if summary is None:
                 raise KeyboardInterrupt
             summaries[label] = summary
+        if baseline.train.out_dir not in frontiers:
+            frontiers[baseline.train.out_dir] = _frontier(baseline, summaries["baseline"], store, name)
         run_log = read_log(Path(config.train.out_dir) / LOG_NAME)
         baseline_log = read_log(Path(baseline.train.out_dir) / LOG_NAME)
         logs[variant.label] = run_log
         logs.setdefault(f"fixed {variant.series}".strip(), baseline_log)  # one baseline per series
-        rows.append(
-            _row(variant, config, summaries[variant.label], summaries["baseline"], run_log, baseline_log, mix_tolerance)
+        baseline_summary = summaries["baseline"]
+        row = _row(variant, config, summaries[variant.label], baseline_summary, run_log, baseline_log, mix_tolerance)
+        paper, paper_full = run_flops(config, PAPER), run_flops(baseline, PAPER)
+        row["compute_fraction_paper"] = paper / paper_full
+        frontier = frontiers[baseline.train.out_dir]
+        fields = multiplier_fields(
+            frontier, row["flops"], row["final_val_loss"], paper, paper_full / baseline_summary["flops"]
         )
+        rows.append({**row, **fields, "frontier": None if frontier is None else frontier.to_dict()})
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -254,12 +340,36 @@ def run_experiment(
             plot.plot_sweep(rows, folder / "plot.png", title=title, x_label=experiment.x_label, tolerance=mix_tolerance)
         elif experiment.plot == "lr":
             plot.plot_lr(rows, folder / "plot.png", title=title)
+        elif experiment.plot == "regime":
+            plot.plot_regime(rows, folder / "plot.png", title=title, x_label=experiment.x_label)
         elif experiment.plot == "pareto":
             plot.plot_pareto(rows, folder / "plot.png", title=title)
         else:
             plot.plot_compare(logs, folder / "plot.png", title=title)
         print(f"plot: {folder / 'plot.png'}")
     return rows
+
+
+# the shorter fixed-depth runs (fractions of T) that trace each baseline's loss-versus-FLOPs frontier; with
+# the baseline itself, four points for the three-parameter law
+FRONTIER_FRACTIONS = (0.25, 0.5, 0.75)
+
+
+def _frontier(baseline: RunConfig, summary: dict[str, Any], store: Path, name: str) -> Frontier | None:
+    """The fixed-depth frontier of ``baseline``: it and shorter runs of it, each with its own schedule."""
+    points = [(summary["flops"], summary["final_val_loss"])]
+    for fraction in FRONTIER_FRACTIONS:
+        steps = round(fraction * baseline.train.steps)
+        if not 0 < steps < baseline.train.steps:
+            continue
+        shorter = _stored(fixed_depth(baseline, steps, Path()), store, f"fixed-T{steps}")
+        done = run_or_reuse(
+            shorter, label=f"fixed-T{steps}", resume_hint=f"the same depthgrow experiment {name} command"
+        )
+        if done is None:
+            raise KeyboardInterrupt
+        points.append((done["flops"], done["final_val_loss"]))
+    return fit_frontier(points)
 
 
 def _row(
@@ -302,7 +412,8 @@ def _row(
 def format_rows(rows: list[dict[str, Any]]) -> str:
     header = [
         "variant", "schedule", "optimizer", "grows at step", "final val loss", "baseline", "gap %",
-        "closest gap %", "mixed after", "compute fraction", "wall fraction",
+        "closest gap %", "mixed after", "compute fraction (paper)", "wall fraction", "compute-matched loss",
+        "compute multiplier",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -317,8 +428,10 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
             f"{row['gap_pct']:+.2f}",
             "-" if row["closest_gap_pct"] is None else f"{row['closest_gap_pct']:+.2f}",
             mixed,
-            f"{row['compute_fraction']:.1%}",
+            f"{row['compute_fraction']:.1%} ({row['compute_fraction_paper']:.1%})",
             f"{row['wall_fraction']:.1%}",
+            "-" if row["compute_matched_loss"] is None else f"{row['compute_matched_loss']:.4f}",
+            multiplier_text(row),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

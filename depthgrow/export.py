@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from depthgrow.bpe import END_OF_TEXT, TOKENIZER_NAME
 from depthgrow.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from depthgrow.config import RunConfig
 from depthgrow.errors import DepthgrowError
@@ -468,9 +469,21 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, *, overwrite: boo
     model = _to_hf_model(config, checkpoint["model"])
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
+    if run.data.tokenizer_for(run.model.vocab_size) == "bpe":
+        _save_bpe_tokenizer(checkpoint_path.parent / TOKENIZER_NAME, out_dir)
     card = _model_card(run, config, checkpoint, checkpoint_path, out_dir)
     (out_dir / CARD_NAME).write_text(card)
     return out_dir
+
+
+def _save_bpe_tokenizer(run_tokenizer: Path, out_dir: Path) -> None:
+    """The run's own BPE vocabulary as a Hugging Face fast tokenizer (``tokenizer.json`` and its config)."""
+    if not run_tokenizer.is_file():
+        raise DepthgrowError(f"the run was trained with a BPE vocabulary, but {run_tokenizer} is missing")
+    tokenizer = _transformers().PreTrainedTokenizerFast(
+        tokenizer_file=str(run_tokenizer), eos_token=END_OF_TEXT, bos_token=END_OF_TEXT, unk_token=END_OF_TEXT
+    )
+    tokenizer.save_pretrained(out_dir)
 
 
 def import_pretrained(hf_dir: str | Path) -> tuple[ModelConfig, nn.Module]:
@@ -527,6 +540,11 @@ _TOKENIZER_NOTES = {
         "Tokens are GPT-2's BPE (tiktoken's `gpt2` encoding, 50257 tokens). No tokenizer files are included; "
         "`transformers.AutoTokenizer.from_pretrained('openai-community/gpt2')` gives the same ids."
     ),
+    "bpe": (
+        "Tokens are a byte-level BPE trained by depthgrow on the run's training text (its `tokenizer.json`, "
+        "`<|endoftext|>` after every document), included here: `transformers.AutoTokenizer.from_pretrained` "
+        "on this folder gives the ids the model was trained on."
+    ),
 }
 
 
@@ -559,7 +577,7 @@ def _model_card(
         lines.append(f"Final validation loss: {summary['final_val_loss']:.4f}.")
     else:
         lines.append("The run had not finished when exported: no final validation loss.")
-    lines += ["", "## Tokenizer", "", _TOKENIZER_NOTES[run.data.tokenizer]]
+    lines += ["", "## Tokenizer", "", _TOKENIZER_NOTES[run.data.tokenizer_for(run.model.vocab_size)]]
     notes = adapter_for(config.family).card_notes(config)
     if notes:
         lines += ["", "## Notes", "", *notes]

@@ -4,15 +4,20 @@ Every group carries a ``role`` (which rule put its parameters there) and an ``in
 learning rate); the trainer sets ``lr = initial_lr · multiplier(step)``. :func:`check_coverage` asserts
 that each trainable parameter sits in exactly one group, at build time and after every growth.
 
-Muon-NSGD is the paper's optimizer: ``torch.optim.Muon`` (orthogonalised momentum) on the hidden 2-D
-matrices - the 2-D weights inside the block stacks - and normalised SGD on every other tensor
-(embeddings, norms, biases), all with one shared learning rate and weight decay (not applied to the
-1-D gains and biases, as with AdamW).
+Muon-NSGD is the paper's optimizer (Bu, arXiv 2511.04981; defined in Bu, Xu, Mao, arXiv 2602.07145 as
+"optimizing all 2D tensors with Muon and other tensors with normalized SGD, using a single learning
+rate"): Muon (orthogonalised momentum) on every weight matrix - token and position embeddings, the LM
+head tied or not, the blocks' matrices, a mixture of experts' experts and router, a ResNet's conv kernels
+(as out x in·kh·kw matrices) and classifier - and normalised SGD on the rest (norm gains, biases), one
+learning rate, weight decay 0.01 on the matrices (not on gains and biases, as with AdamW).
+``muon_scope="blocks"`` is the narrower split this package used before: Muon on the 2-D weights inside
+the block stacks only, normalised SGD (with decay) on embeddings and head; kept as an ablation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -24,6 +29,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 OptimizerName = Literal["adamw", "muon-nsgd"]
+MuonScope = Literal["all", "blocks"]
+MuonAdjustLr = Literal["original", "match_rms_adamw"]
 # what each optimizer uses for a learning rate or weight decay the config leaves unset
 OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
     "adamw": {"lr": 3e-3, "weight_decay": 0.1},
@@ -40,6 +47,12 @@ class OptimConfig:
     beta2: float = 0.95  # AdamW
     eps: float = 1e-8  # AdamW
     momentum: float = 0.95  # Muon and normalised SGD (Nesterov)
+    # Muon-NSGD: which matrices Muon trains: "all" (the paper's: every weight matrix, embeddings and head
+    # included) or "blocks" (only those inside the block stacks; embeddings and head on normalised SGD)
+    muon_scope: MuonScope = "all"
+    # Muon's per-matrix step scale (torch.optim.Muon's adjust_lr_fn): "original" sqrt(max(1, rows/cols)),
+    # "match_rms_adamw" 0.2·sqrt(max(rows, cols))
+    muon_adjust_lr: MuonAdjustLr = "original"
 
     def resolved(self) -> OptimConfig:
         """This config with the optimizer's defaults filled in where it leaves lr or weight decay unset."""
@@ -108,6 +121,57 @@ class NormalizedSGD(Optimizer):
         return loss
 
 
+# torch.optim.Muon's own hyperparameter defaults (Newton-Schulz coefficients and steps, eps, ...)
+_TORCH_MUON_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(torch.optim.Muon.__init__).parameters.items()
+    if parameter.default is not inspect.Parameter.empty
+}
+
+
+class Muon(torch.optim.Muon):
+    """``torch.optim.Muon`` for weights of two or more dimensions: a conv kernel (out, in, kh, kw) is
+    orthogonalised, and its step scaled, as the (out, in·kh·kw) matrix it applies; a 2-D weight exactly as
+    torch does. Momentum buffers keep the parameter's shape, so checkpoints and sharding see ordinary state.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = _TORCH_MUON_DEFAULTS["lr"],
+        weight_decay: float = _TORCH_MUON_DEFAULTS["weight_decay"],
+        momentum: float = _TORCH_MUON_DEFAULTS["momentum"],
+        nesterov: bool = _TORCH_MUON_DEFAULTS["nesterov"],
+        ns_coefficients: tuple[float, float, float] = _TORCH_MUON_DEFAULTS["ns_coefficients"],
+        eps: float = _TORCH_MUON_DEFAULTS["eps"],
+        ns_steps: int = _TORCH_MUON_DEFAULTS["ns_steps"],
+        adjust_lr_fn: str | None = _TORCH_MUON_DEFAULTS["adjust_lr_fn"],
+    ) -> None:
+        # torch's __init__ refuses any tensor that is not 2-D; its checks of the values are OptimConfig's
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_coefficients=ns_coefficients,
+            eps=eps,
+            ns_steps=ns_steps,
+            adjust_lr_fn=adjust_lr_fn,
+        )
+        Optimizer.__init__(self, params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim < 2:
+                    raise ValueError(f"Muon trains tensors of 2 or more dimensions, got one of shape {tuple(p.shape)}")
+
+    def _init_group(self, group: dict[str, Any], params: list, grads: list, buffers: list) -> bool:
+        has_complex = super()._init_group(group, params, grads, buffers)
+        for tensors in (params, grads, buffers):
+            # views: torch's update writes through them into the parameter and its buffer
+            tensors[:] = [t if t.ndim == 2 else t.view(t.shape[0], -1) for t in tensors]
+        return has_complex
+
+
 class OptimizerChain:
     """Several torch optimizers stepped as one, with the parameter groups of all of them.
 
@@ -146,9 +210,17 @@ class OptimizerChain:
 
 
 def hidden_matrix_names(model: nn.Module) -> set[str]:
-    """Names of the 2-D weights inside the block stacks (what Muon orthogonalises)."""
+    """Names of the 2-D weights inside the block stacks."""
     prefixes = tuple(f"{prefix}." for prefix in model.block_stacks())
     return {name for name, p in model.named_parameters() if p.ndim == 2 and name.startswith(prefixes)}
+
+
+def muon_parameter_names(model: nn.Module, scope: MuonScope) -> set[str]:
+    """The parameters Muon-NSGD gives to Muon: every tensor of 2+ dimensions (``all``, the paper's), or
+    the 2-D weights inside the block stacks (``blocks``)."""
+    if scope == "blocks":
+        return hidden_matrix_names(model)
+    return {name for name, p in model.named_parameters() if p.ndim >= 2}
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> OptimizerChain:
@@ -176,18 +248,19 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> OptimizerChain:
             )
         ]
     else:
-        matrices = hidden_matrix_names(model)
+        matrices = muon_parameter_names(model, config.muon_scope)
         muon_params = [p for name, p in named if name in matrices]
         other_params = [p for name, p in named if name not in matrices]
         optimizers = []
         if muon_params:
             optimizers.append(
-                torch.optim.Muon(
+                Muon(
                     _with_lr([{"params": muon_params, "role": "matrix"}], config.lr),
                     lr=config.lr,
                     weight_decay=config.weight_decay,
                     momentum=config.momentum,
                     nesterov=True,
+                    adjust_lr_fn=config.muon_adjust_lr,
                 )
             )
         # as with AdamW, norms' gains and biases are not decayed (decay would pull gains towards 0)

@@ -7,31 +7,54 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
+import numpy as np
+
+from depthgrow.frontier import Frontier
 
 matplotlib.use("Agg")  # files only; no display is needed or wanted
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_compare(logs: dict[str, list[dict[str, Any]]], path: str | Path, *, title: str) -> Path:
+def plot_compare(
+    logs: dict[str, list[dict[str, Any]]], path: str | Path, *, title: str, frontier: Frontier | None = None
+) -> Path:
     """Validation loss against cumulative FLOPs and against step, one line per run; each expansion is
-    marked with a dotted line in the run's colour (and its loss just before and after as points)."""
+    marked with a dotted line in the run's colour (and its loss just before and after as points). Runs
+    named ``fixed-T...`` (the shorter fixed-depth runs of a compare) are thin grey lines, and with a
+    ``frontier`` the fixed-depth law is drawn through their final losses, every run's final loss a point."""
     figure, (by_flops, by_step) = plt.subplots(1, 2, figsize=(13, 5))
-    for index, (name, records) in enumerate(logs.items()):
-        colour = f"C{index}"
+    colours = iter(f"C{index}" for index in range(len(logs)))
+    for name, records in logs.items():
+        shorter = name.startswith("fixed-T")
+        colour = "grey" if shorter else next(colours)
+        style = {"color": colour, "linewidth": 0.8 if shorter else 1.5, "label": None if shorter else name}
         evals = [r for r in records if r["event"] == "eval"]
-        by_flops.plot([r["flops"] for r in evals], [r["val_loss"] for r in evals], color=colour, label=name)
-        by_step.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], color=colour, label=name)
+        by_flops.plot([r["flops"] for r in evals], [r["val_loss"] for r in evals], **style)
+        by_step.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], **style)
+        if frontier is not None and evals:
+            marker = "s" if shorter or name == "fixed" else "*"
+            by_flops.scatter([evals[-1]["flops"]], [evals[-1]["val_loss"]], color=colour, marker=marker, s=60, zorder=3)
         for growth in (r for r in records if r["event"] == "growth"):
             label = f"{name}: {growth['from_depth']} -> {growth['to_depth']} layers at step {growth['step']}"
             by_step.axvline(growth["step"], color=colour, linestyle=":", label=label)
             around = [r for r in evals if r.get("phase") and r["step"] == growth["step"]]
             by_flops.scatter([r["flops"] for r in around], [r["val_loss"] for r in around], color=colour, s=12)
+    if frontier is not None:
+        low, high = min(c for c, _ in frontier.points), max(c for c, _ in frontier.points)
+        flops = np.geomspace(low / 2, high * 1.5, 200)
+        by_flops.plot(flops, [frontier.law.loss(c) for c in flops], "k--", linewidth=1,
+                      label=f"fixed-depth frontier (grey: shorter fixed runs)\n{frontier.law.text()}")  # fmt: skip
     for axes, xlabel in ((by_flops, "cumulative training FLOPs"), (by_step, "step")):
         axes.set_xlabel(xlabel)
         axes.set_ylabel("validation loss (nats/token)")
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
     by_flops.set_xscale("log")
+    by_flops.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labelled minor ticks overlap
+    if frontier is not None:  # the end of training, where the runs are compared, not the first steps
+        finals = [loss for _, loss in frontier.points]
+        by_flops.set_ylim(min(finals) - 0.1 * (max(finals) - min(finals) + 0.1), max(finals) + 0.6)
     return _save(figure, path, title)
 
 
@@ -104,16 +127,46 @@ def _save(figure: Any, path: str | Path, title: str) -> Path:
 
 
 def plot_lr(rows: list[dict[str, Any]], path: str | Path, *, title: str) -> Path:
-    """Final validation loss against the peak learning rate: the fixed-depth baseline and each series."""
+    """Final validation loss against the peak learning rate: each series (solid) and its fixed-depth
+    baselines (dashed, square markers; series that share their baselines share one line)."""
     figure, axes = plt.subplots(figsize=(8, 5.5))
-    baseline = sorted({(r["x"], r["baseline_val_loss"]) for r in rows})
-    axes.plot([p[0] for p in baseline], [p[1] for p in baseline], "s-", color="black", label="fixed depth")
+    drawn: set[tuple[tuple[float, float], ...]] = set()
     for index, series in enumerate(dict.fromkeys(r["series"] for r in rows)):
         points = sorted((r["x"], r["final_val_loss"]) for r in rows if r["series"] == series)
         axes.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{index}", label=series)
+        baseline = tuple(sorted({(r["x"], r["baseline_val_loss"]) for r in rows if r["series"] == series}))
+        if baseline not in drawn:
+            label = "fixed depth" if len(drawn) == 0 else f"fixed depth ({series})"
+            axes.plot([p[0] for p in baseline], [p[1] for p in baseline], "s--", color=f"C{index}", label=label)
+            drawn.add(baseline)
     axes.set_xscale("log")
     axes.set_xlabel("peak learning rate")
     axes.set_ylabel("final validation loss (nats/token)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
+    return _save(figure, path, title)
+
+
+def plot_regime(rows: list[dict[str, Any]], path: str | Path, *, title: str, x_label: str) -> Path:
+    """The compute multiplier against the swept value (log scale), one line per series; above 1 the
+    progressive run beats a fixed-depth run given the same FLOPs. Hollow markers: read outside the
+    measured fixed-depth runs."""
+    figure, axes = plt.subplots(figsize=(9, 6))
+    for index, series in enumerate(dict.fromkeys(r["series"] for r in rows)):
+        points = sorted((r["x"], r["compute_multiplier"], r["multiplier_extrapolated"]) for r in rows
+                        if r["series"] == series and r["compute_multiplier"] is not None)  # fmt: skip
+        if not points:
+            continue
+        style = "o-" if len(points) > 1 else "o"
+        axes.plot([p[0] for p in points], [p[1] for p in points], style, color=f"C{index % 10}", label=series)
+        hollow = [p for p in points if p[2]]
+        axes.scatter(
+            [p[0] for p in hollow], [p[1] for p in hollow], color="white", edgecolor=f"C{index % 10}", zorder=3
+        )
+    axes.axhline(1.0, color="black", linewidth=0.8, label="worth exactly its FLOPs")
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel(x_label)
+    axes.set_ylabel("compute multiplier (fixed-depth FLOPs to reach the loss / FLOPs spent)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
     return _save(figure, path, title)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from depthgrow.bpe import TOKENIZER_NAME
 from depthgrow.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -196,6 +197,13 @@ def _prepare_out_dir(
     except OSError as error:
         raise DepthgrowError(f"cannot write the run folder {out_dir}: {error.strerror}") from None
     return None
+
+
+def _write_run_file(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as error:
+        raise DepthgrowError(f"cannot write {path}: {error.strerror}") from None
 
 
 @dataclass
@@ -415,13 +423,18 @@ def _train(
     device = resolve_device(device_name)
     if device.type == "cpu":
         torch.set_flush_denormal(True)
+    run_bpe = out_dir / TOKENIZER_NAME
     batches = make_batches(
         config.model,
         config.data,
         batch_size=config.train.batch_size,
         eval_batches=config.train.eval_batches,
         seed=config.train.seed,
+        # a resumed run reads the vocabulary it started with, never a retrained or re-cached one
+        bpe_file=run_bpe if checkpoint and run_bpe.is_file() else None,
     )
+    if batches.bpe_json is not None and ranks.is_main and not (checkpoint and run_bpe.is_file()):
+        _write_run_file(run_bpe, batches.bpe_json)
     plan = config.plan()
     torch.manual_seed(config.train.seed)
     state = TrainState(**checkpoint["train_state"]) if checkpoint else TrainState(depth=plan.initial_depth)

@@ -167,6 +167,7 @@ class ImageBatches:
     int64 (B,)) tensors; the interface of :class:`depthgrow.data.Batches`, counted in images."""
 
     unit = "image"
+    bpe_json = None  # no tokenizer to keep
 
     def __init__(
         self, data: ImageData, *, batch_size: int, eval_batches: int, seed: int, augment: bool = False

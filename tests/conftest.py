@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from depthgrow.bpe import CACHE_ENV
 from depthgrow.data import GPT2_BPE_ENV
 
 
@@ -11,6 +12,18 @@ from depthgrow.data import GPT2_BPE_ENV
 def _cpu_defaults():
     torch.set_flush_denormal(True)  # denormals made early CPU steps many times slower
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _bpe_cache(tmp_path_factory):
+    """Trained BPE vocabularies cached in the session's folder, not in the user's cache."""
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("depthgrow-cache"))
+    yield
+    if previous is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = previous
 
 
 @pytest.fixture

@@ -162,36 +162,56 @@ def test_compare_writes_table_summary_and_plot_and_reuses_finished_runs(tmp_path
     args = ["compare", *TINY, "--growth.at=0.5", "--growth.init=copy", "--out", str(out)]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    rows = json.loads((out / "summary.json").read_text())
-    assert [r["name"] for r in rows] == ["fixed", "grow0", "grow1"]
-    assert [r["source_depth"] for r in rows] == [None, 0, 1]
-    assert [r["init"] for r in rows] == [None, "random", "copy"]  # zero layers cannot copy
-    fixed, grow0, grow1 = rows
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["runs"]
+    fixed, grow0, grow1, *ladder = rows
+    assert [r["name"] for r in rows[:3]] == ["fixed", "grow0", "grow1"]
+    assert [r["source_depth"] for r in rows[:3]] == [None, 0, 1]
+    assert [r["init"] for r in rows[:3]] == [None, "random", "copy"]  # zero layers cannot copy
     assert fixed["gap_pct"] == 0 and fixed["compute_fraction"] == 1 and fixed["wall_fraction"] == 1
     for row in (grow0, grow1):
         for key in ("final_val_loss", "gap_pct", "flops", "compute_fraction", "wall_s", "wall_fraction"):
             assert isinstance(row[key], float), key
         assert row["gap_pct"] == pytest.approx(100 * (row["final_val_loss"] / fixed["final_val_loss"] - 1))
         assert 0 < row["compute_fraction"] < 1 and row["flops"] < fixed["flops"]
+        # by the paper's counting (every parameter) the zero- and one-layer models cost more than by ours
+        assert row["compute_fraction"] < row["compute_fraction_paper"] < 1
     assert grow0["compute_fraction"] < grow1["compute_fraction"]
+    # the compute-matched baseline: a fixed-depth run at each progressive run's compute (40 steps x fraction,
+    # rounded) and one at half the smaller, each with its own whole schedule
+    steps = sorted({round(40 * grow0["compute_fraction"]), round(40 * grow1["compute_fraction"]),
+                    round(40 * grow0["compute_fraction"] / 2)})  # fmt: skip
+    assert [r["name"] for r in ladder] == [f"fixed-T{s}" for s in steps]
+    assert [r["steps"] for r in ladder] == steps and all(r["source_depth"] is None for r in ladder)
+    for row in ladder:
+        assert row["compute_fraction"] == pytest.approx(row["steps"] / 40)
+    frontier = summary["frontier"]
+    assert sorted(p["val_loss"] for p in frontier["points"]) == sorted(r["final_val_loss"] for r in [fixed, *ladder])
+    law = frontier["law"]
+    for row in (grow0, grow1):
+        matched = law["E"] + law["A"] * (row["flops"] / law["scale"]) ** -law["alpha"]
+        assert row["compute_matched_loss"] == pytest.approx(matched)
+        needed = law["scale"] * (law["A"] / (row["final_val_loss"] - law["E"])) ** (1 / law["alpha"])
+        assert row["compute_multiplier"] == pytest.approx(needed / row["flops"])
     assert (out / "compare.png").stat().st_size > 10_000
-    assert "| grow0 | 0 | random |" in printed and (out / "summary.md").read_text().strip() in printed
+    assert "| grow0 | 0 -> L at 20 (random) |" in printed and (out / "summary.md").read_text().strip() in printed
+    assert "fixed-depth frontier" in printed
     assert fixed["mixing_steps"] is None
     assert all(r["mixing_steps"] is None or 0 <= r["mixing_steps"] <= 20 for r in (grow0, grow1))
     assert main(args) == 0
-    assert capsys.readouterr().out.count("reusing the finished run") == 3
-    assert json.loads((out / "summary.json").read_text()) == rows
+    assert capsys.readouterr().out.count("reusing the finished run") == len(rows)
+    assert json.loads((out / "summary.json").read_text()) == summary
     assert main([*args, "--mix-tolerance", "10"]) == 0  # within 1000 %: mixed at the expansion itself
-    assert [r["mixing_steps"] for r in json.loads((out / "summary.json").read_text())] == [None, 0, 0]
+    assert [r["mixing_steps"] for r in json.loads((out / "summary.json").read_text())["runs"][:3]] == [None, 0, 0]
     capsys.readouterr()
     # another init changes the progressive runs only: they are refused without --overwrite, and with it
-    # replaced while the baseline is reused
+    # replaced while the fixed-depth runs are reused
     assert main([*args[:-3], "--growth.init=zero", "--out", str(out)]) == 2
     assert "holds a run of another config" in capsys.readouterr().err
     assert main([*args[:-3], "--growth.init=zero", "--out", str(out), "--overwrite"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("reusing the finished run") == 1 and "fixed: reusing" in printed
-    assert [r["init"] for r in json.loads((out / "summary.json").read_text())] == [None, "zero", "zero"]
+    assert printed.count("reusing the finished run") == 1 + len(ladder) and "fixed: reusing" in printed
+    assert [r["init"] for r in json.loads((out / "summary.json").read_text())["runs"][:3]] == [None, "zero", "zero"]
 
 
 def test_the_package_imports_without_optional_extras():

@@ -33,7 +33,9 @@ def test_load_config_without_file_equals_defaults_with_the_optimizer_defaults_fi
     assert defaults.optim.lr is None and defaults.optim.weight_decay is None
     assert loaded.optim.lr == OPTIMIZER_DEFAULTS[loaded.optim.name]["lr"]
     assert loaded.optim.weight_decay == OPTIMIZER_DEFAULTS[loaded.optim.name]["weight_decay"]
-    assert loaded.to_dict() == dataclasses.replace(defaults, optim=defaults.optim.resolved()).to_dict()
+    # and the tokenizer that "auto" means for the model's vocabulary, named
+    data = dataclasses.replace(defaults.data, tokenizer=defaults.data.tokenizer_for(defaults.model.vocab_size))
+    assert loaded.to_dict() == dataclasses.replace(defaults, optim=defaults.optim.resolved(), data=data).to_dict()
 
 
 def test_switching_optimizer_brings_its_own_learning_rate_unless_given():

@@ -22,8 +22,11 @@ RUN = [
     "--model", "gpt2-test", "--train.steps", "12", "--train.batch_size", "8", "--train.eval_every", "4",
     "--train.eval_batches", "2", "--train.checkpoint_every", "3", "--growth.source_depth", "0", "--growth.at", "5",
 ]  # fmt: skip
-# reductions over 2 ranks add in another order than one process: losses agree to float32 rounding
-RTOL = 1e-4
+# reductions over 2 ranks add in another order than one process, and torch's Muon orthogonalises in
+# bfloat16: on a sharded matrix each rank's partial product is rounded to bfloat16 before the sum, so the
+# updates differ by bfloat16 rounding (up to 6e-4 relative in the loss after 12 steps of moe-test; with
+# the Newton-Schulz iteration patched to float32 the two agree to 1e-7)
+RTOL = 1e-3
 
 
 def _env() -> dict[str, str]:

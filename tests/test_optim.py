@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+import depthgrow
 from depthgrow import GPT2Config, NormalizedSGD, OptimConfig, build_model, build_optimizer
-from depthgrow.optim import check_coverage, hidden_matrix_names
+from depthgrow.optim import Muon, check_coverage, hidden_matrix_names
 
 CONFIG = GPT2Config(n_layer=2, n_embd=16, n_head=2, block_size=8, vocab_size=32)
 
@@ -22,34 +23,79 @@ def test_adamw_decays_matrices_and_embeddings_but_not_vectors():
     assert optimizer.optimizers[0].param_groups[0]["betas"] == (0.9, 0.95)
 
 
-def test_muon_nsgd_puts_hidden_matrices_in_muon_and_the_rest_in_normalized_sgd():
+def test_muon_nsgd_puts_every_matrix_in_muon_and_the_rest_in_normalized_sgd():
     model = build_model(CONFIG, seed=0)
     optimizer = build_optimizer(model, OptimConfig(name="muon-nsgd", lr=0.02, weight_decay=0.01))
     muon, nsgd = optimizer.optimizers
     assert isinstance(muon, torch.optim.Muon) and isinstance(nsgd, NormalizedSGD)
-    expected = {
+    blocks = {
         f"transformer.h.{i}.{m}.weight"
         for i in range(2)
         for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     }
-    assert hidden_matrix_names(model) == expected
-    assert names_in(optimizer, model, "matrix") == expected
-    assert "transformer.wte.weight" in names_in(optimizer, model, "other")
-    assert "transformer.ln_f.weight" in names_in(optimizer, model, "other_no_decay")
+    assert hidden_matrix_names(model) == blocks
+    # the paper's scope: the (tied) embedding and the position embedding too
+    assert names_in(optimizer, model, "matrix") == blocks | {"transformer.wte.weight", "transformer.wpe.weight"}
+    assert names_in(optimizer, model, "other_no_decay") == {n for n, p in model.named_parameters() if p.ndim == 1}
     assert {group["lr"] for group in optimizer.param_groups} == {0.02}
     decay = {group["role"]: group["weight_decay"] for group in optimizer.param_groups}
-    assert decay == {"matrix": 0.01, "other": 0.01, "other_no_decay": 0.0}
+    assert decay == {"matrix": 0.01, "other_no_decay": 0.0}
 
 
-def test_zero_layer_muon_nsgd_has_no_muon():
+def test_muon_scope_blocks_keeps_embeddings_on_normalized_sgd():
+    model = build_model(CONFIG, seed=0)
+    optimizer = build_optimizer(model, OptimConfig(name="muon-nsgd", muon_scope="blocks"))
+    assert names_in(optimizer, model, "matrix") == hidden_matrix_names(model)
+    assert names_in(optimizer, model, "other") == {"transformer.wte.weight", "transformer.wpe.weight"}
+    assert [type(o) for o in build_optimizer(build_model(CONFIG.with_depth(0), seed=0), OptimConfig(
+        name="muon-nsgd", muon_scope="blocks")).optimizers] == [NormalizedSGD]  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", ["gpt2-test", "llama-test", "moe-test", "resnet-test"])
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_default_muon_nsgd_trains_every_matrix_of_every_family_with_muon_also_after_growth(preset, depth):
+    model = build_model(depthgrow.preset(preset).with_depth(depth), seed=0)
+    optimizer = build_optimizer(model, OptimConfig())
+    matrices = {name for name, p in model.named_parameters() if p.ndim >= 2}
+    assert matrices and names_in(optimizer, model, "matrix") == matrices
+    assert isinstance(optimizer.optimizers[0], torch.optim.Muon)
+    grown = depthgrow.grow(model, optimizer, depth + 2, "random", seed=0)
+    matrices = {name for name, p in grown.model.named_parameters() if p.ndim >= 2}
+    assert names_in(grown.optimizer, grown.model, "matrix") == matrices
+    check_coverage(grown.model, grown.optimizer)
+
+
+def test_a_zero_layer_models_embedding_moves_under_muon_by_the_orthogonalised_step():
+    """Muon steps a V x d matrix by lr·sqrt(V/d) along an orthogonalised update (singular values near 1):
+    about lr/sqrt(d) per entry, sqrt(V) times normalised SGD's lr/sqrt(V·d)."""
     model = build_model(CONFIG.with_depth(0), seed=0)
-    optimizer = build_optimizer(model, OptimConfig(name="muon-nsgd"))
-    assert [type(o) for o in optimizer.optimizers] == [NormalizedSGD]
+    optimizer = build_optimizer(model, OptimConfig(name="muon-nsgd", lr=0.01, weight_decay=0.0))
+    embedding = model.transformer.wte.weight
+    before = embedding.detach().clone()
+    x = torch.randint(0, CONFIG.vocab_size, (4, CONFIG.block_size))
+    torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten()).backward()
+    optimizer.step()
+    step = embedding.detach() - before
+    V, d = embedding.shape
+    assert torch.linalg.matrix_norm(step, ord=2).item() == pytest.approx(0.01 * (V / d) ** 0.5, rel=0.5)
+    assert step.norm().item() > 3 * 0.01  # normalised SGD would move it by exactly lr in Frobenius norm
+
+
+def test_muon_orthogonalises_a_conv_kernel_as_the_matrix_it_applies():
+    kernel = torch.nn.Parameter(torch.randn(8, 4, 3, 3))
+    kernel.grad = torch.randn(8, 4, 3, 3)
+    start = kernel.detach().clone()
+    optimizer = Muon([kernel], lr=0.1, weight_decay=0.0, momentum=0.0, nesterov=False)
+    optimizer.step()
+    assert optimizer.state[kernel]["momentum_buffer"].shape == kernel.shape  # state keeps the kernel's shape
+    update = (start - kernel.detach()).reshape(8, 36) / 0.1  # rows 8 <= columns 36: no lr adjustment
+    singular = torch.linalg.svdvals(update)
+    assert singular.min() > 0.3 and singular.max() < 1.3  # Newton-Schulz's near-orthogonal output
 
 
 def test_learning_rate_multiplier_scales_every_group_from_its_peak():
     model = build_model(CONFIG, seed=0)
-    optimizer = build_optimizer(model, OptimConfig(name="muon-nsgd", lr=0.04))
+    optimizer = build_optimizer(model, OptimConfig(name="muon-nsgd", lr=0.04, muon_scope="blocks"))
     optimizer.set_lr_multiplier(0.5)
     assert [group["lr"] for group in optimizer.param_groups] == [0.02, 0.02, 0.02]
 

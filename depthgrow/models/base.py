@@ -9,15 +9,18 @@ whose outputs are added to the residual stream (zeroed by the function-preservin
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from depthgrow.seeding import derived_generator
+
+WeightInit = Literal["standard", "spectral"]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -29,6 +32,9 @@ class ModelConfig:
     task: ClassVar[str] = "lm"  # what the trainer feeds the model: "lm" token windows, "image" images
     unit: ClassVar[str] = "token"  # what FLOPs and throughput are counted per
     n_layer: int
+    # "standard": the family's usual init (GPT-2's N(0, init_std²), He's for ResNets); "spectral": muP-style,
+    # every weight matrix with spectral norm about sqrt(fan_out / fan_in) (see spectral_std)
+    weight_init: WeightInit = "standard"
 
     def with_depth(self, depth: int) -> ModelConfig:
         return dataclasses.replace(self, n_layer=depth)
@@ -54,6 +60,11 @@ class ModelConfig:
     def problems(self) -> list[str]:
         """Everything wrong with this config, as short sentences (empty when it is valid)."""
         return [] if self.n_layer >= 0 else [f"model.n_layer must be >= 0, got {self.n_layer}"]
+
+    def matrix_std(self, fan_out: int, fan_in: int, standard: float) -> float:
+        """The std of a fan_out x fan_in weight matrix: ``standard`` under the family's usual init, or
+        :func:`spectral_std` under ``weight_init="spectral"``."""
+        return spectral_std(fan_out, fan_in) if self.weight_init == "spectral" else standard
 
 
 @runtime_checkable
@@ -87,6 +98,31 @@ class GrowableModel(Protocol):
 
 # --- helpers every family's init uses, so that all families draw the same way ---
 
+
+def spectral_std(fan_out: int, fan_in: int) -> float:
+    """The std that gives a fan_out x fan_in Gaussian matrix a spectral norm of about sqrt(fan_out / fan_in).
+
+    This is the spectral condition for feature learning (Yang, Simon and Bernstein, arXiv 2310.17813) that
+    the paper's muP-style init asks for: a matrix W with ||W||_2 ~ sqrt(fan_out / fan_in) maps an input of
+    RMS 1 to an output of RMS about 1, at any width. A Gaussian matrix with i.i.d. N(0, s²) entries has its
+    largest singular value at about s·(sqrt(fan_out) + sqrt(fan_in)) (Gordon; Bai-Yin at large sizes), so
+
+        s = sqrt(fan_out / fan_in) / (sqrt(fan_out) + sqrt(fan_in)).
+
+    For a square d x d matrix that is 1 / (2·sqrt(d)); for fan_out >> fan_in, about 1 / sqrt(fan_in). A conv
+    kernel (out, in, kh, kw) counts as the (out, in·kh·kw) matrix it applies.
+
+    Embeddings and the LM head (every family): the token embedding is a V x d matrix that a tied head applies
+    as the map from d features to V logits, so it takes that map's std, spectral_std(V, d), about
+    1 / sqrt(d): initial logits of RMS about 1 whatever the width (GPT-2's 0.02 gives 0.02·sqrt(d)), rows of
+    norm about 1. An untied head and an untied input embedding take the same std (the embedding's scale only
+    sets the residual stream's initial size: every block and the final norm start with a normalisation),
+    and GPT-2's position embedding the token embedding's, so that both add at one scale. torch's Muon steps
+    these V x d matrices by the same rule (lr·sqrt(V / d) on an orthogonalised update).
+    """
+    return math.sqrt(fan_out / fan_in) / (math.sqrt(fan_out) + math.sqrt(fan_in))
+
+
 EMBEDDING_STREAM = 0
 BLOCK_STREAM = 1
 
@@ -106,18 +142,21 @@ def normal_(tensor: torch.Tensor, std: float, generator: torch.Generator) -> Non
 def init_block_weights(
     block: nn.Module,
     *,
+    config: ModelConfig,
     residual: list[nn.Module],
     std: float,
-    residual_std: float,
     generator: torch.Generator,
     norms: tuple[type[nn.Module], ...],
 ) -> None:
-    """Linear weights N(0, std²), the ``residual`` projections N(0, residual_std²), biases 0, and the
-    gains of ``norms`` modules 1 (their biases 0), in module order."""
+    """Linear weights N(0, s²) with s = ``config.matrix_std(out, in, std)``, the ``residual`` projections'
+    scaled by 1/sqrt(2·n_layer) (the 2·L residual branches then add up to O(1)), biases 0, and the gains of
+    ``norms`` modules 1 (their biases 0), in module order."""
     residual_ids = {id(module) for module in residual}
+    depth_scale = 1.0 / math.sqrt(2 * config.n_layer)
     for module in block.modules():
         if isinstance(module, nn.Linear):
-            normal_(module.weight, residual_std if id(module) in residual_ids else std, generator)
+            scale = depth_scale if id(module) in residual_ids else 1.0
+            normal_(module.weight, scale * config.matrix_std(*module.weight.shape, std), generator)
             if module.bias is not None:
                 module.bias.zero_()
         elif isinstance(module, norms):

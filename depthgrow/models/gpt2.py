@@ -178,35 +178,37 @@ class GPT2(nn.Module):
     def init_block(self, stack: str, index: int, block: nn.Module, seed: int) -> None:
         init_block_weights(
             block,
+            config=self.config,
             residual=self.residual_projections(block),
             std=self.config.init_std,
-            residual_std=self.config.init_std / math.sqrt(2 * self.config.n_layer),
             generator=block_generator(seed, stack, index),
             norms=(nn.LayerNorm,),
         )
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """Initialise every parameter, GPT-2 style:
+        """Initialise every parameter, GPT-2 style (``weight_init="standard"``) or muP-style
+        (``"spectral"``, s(out, in) = :func:`~depthgrow.models.base.spectral_std`):
 
-        ====================================  ==========================================
-        parameter                             initialisation
-        ====================================  ==========================================
-        ``wte`` (also the LM head), ``wpe``   N(0, init_std²)
-        Linear weights in a block             N(0, init_std²)
-        ``attn.c_proj``, ``mlp.c_proj``       N(0, (init_std / sqrt(2·n_layer))²): the 2·L
-                                              residual branches then add up to O(1)
+        ====================================  ========================  ==========================
+        parameter                             standard                  spectral
+        ====================================  ========================  ==========================
+        ``wte`` (also the LM head), ``wpe``   N(0, init_std²)           N(0, s(V, d)²)
+        Linear weights in a block             N(0, init_std²)           N(0, s(out, in)²)
+        ``attn.c_proj``, ``mlp.c_proj``       as above / sqrt(2·n_layer): the 2·L residual
+                                              branches then add up to O(1)
         Linear biases                         0
         LayerNorm gain / bias                 1 / 0
-        ====================================  ==========================================
+        ====================================  ========================  ==========================
 
         Each block draws from its own generator, derived from (seed, block index), and draws on the CPU:
         block i of a model grown to depth L is therefore initialised bit for bit as block i of a fresh
         depth-L model with the same seed, on any device.
         """
         generator = derived_generator(seed, EMBEDDING_STREAM)
-        normal_(self.transformer.wte.weight, self.config.init_std, generator)
-        normal_(self.transformer.wpe.weight, self.config.init_std, generator)
+        embedding_std = self.config.matrix_std(self.config.vocab_size, self.config.n_embd, self.config.init_std)
+        normal_(self.transformer.wte.weight, embedding_std, generator)
+        normal_(self.transformer.wpe.weight, embedding_std, generator)
         self.transformer.ln_f.weight.fill_(1.0)
         if self.transformer.ln_f.bias is not None:
             self.transformer.ln_f.bias.zero_()

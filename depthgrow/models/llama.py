@@ -269,27 +269,28 @@ class Llama(nn.Module):
     def init_block(self, stack: str, index: int, block: nn.Module, seed: int) -> None:
         init_block_weights(
             block,
+            config=self.config,
             residual=self.residual_projections(block),
             std=self.config.init_std,
-            residual_std=self.config.init_std / math.sqrt(2 * self.config.n_layer),
             generator=block_generator(seed, stack, index),
             norms=(RMSNorm,),
         )
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """Initialise every parameter, GPT-2 style (as depthgrow.models.gpt2):
+        """Initialise every parameter, GPT-2 style (``weight_init="standard"``, as depthgrow.models.gpt2)
+        or muP-style (``"spectral"``, s(out, in) = :func:`~depthgrow.models.base.spectral_std`):
 
-        ====================================  ==========================================
-        parameter                             initialisation
-        ====================================  ==========================================
-        ``embed_tokens``, ``lm_head``         N(0, init_std²), the head drawn after the
-                                              embedding from the same stream
-        Linear weights in a block             N(0, init_std²)
-        ``residual_projections(block)``       N(0, (init_std / sqrt(2·n_layer))²): the 2·L
-        (``o_proj``, ``mlp.down_proj``)       residual branches then add up to O(1)
+        ====================================  ========================  ==========================
+        parameter                             standard                  spectral
+        ====================================  ========================  ==========================
+        ``embed_tokens``, ``lm_head`` (the    N(0, init_std²)           N(0, s(V, d)²)
+        head drawn after the embedding)
+        Linear weights in a block             N(0, init_std²)           N(0, s(out, in)²)
+        ``residual_projections(block)``       as above / sqrt(2·n_layer): the 2·L residual
+        (``o_proj``, ``mlp.down_proj``)       branches then add up to O(1)
         RMSNorm gains                         1
-        ====================================  ==========================================
+        ====================================  ========================  ==========================
 
         Each block draws from its own generator, derived from (seed, stack, block index), and draws on the CPU:
         block i of a model grown to depth L is therefore initialised bit for bit as block i of a fresh
@@ -297,9 +298,10 @@ class Llama(nn.Module):
         computes them.
         """
         generator = derived_generator(seed, EMBEDDING_STREAM)
-        normal_(self.model.embed_tokens.weight, self.config.init_std, generator)
+        embedding_std = self.config.matrix_std(self.config.vocab_size, self.config.n_embd, self.config.init_std)
+        normal_(self.model.embed_tokens.weight, embedding_std, generator)
         if self.lm_head is not None:
-            normal_(self.lm_head.weight, self.config.init_std, generator)
+            normal_(self.lm_head.weight, embedding_std, generator)
         self.model.norm.weight.fill_(1.0)
         for index, block in enumerate(self.model.layers):
             self.init_block(self.STACK, index, block, seed)

@@ -198,7 +198,7 @@ class MoE(Llama):
         return [block.self_attn.o_proj, *block.mlp.down_projections]
 
     def init_block(self, stack: str, index: int, block: nn.Module, seed: int) -> None:
-        """As LLaMA's block (router N(0, init_std²), every expert's down projection scaled as a residual
+        """As LLaMA's block (the router as any block matrix, every expert's down projection scaled as a residual
         projection), and a fresh block starts balanced: zero bias, no usage counted."""
         super().init_block(stack, index, block, seed)
         block.mlp.gate.e_score_correction_bias.zero_()

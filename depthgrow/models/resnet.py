@@ -199,7 +199,7 @@ class ResNet(nn.Module):
 
     def init_block(self, stack: str, index: int, block: nn.Module, seed: int) -> None:
         zero_gains = [block.bn2] if self.config.zero_init_residual else []
-        _he_init(block, block_generator(seed, stack, index), zero_gains=zero_gains)
+        _he_init(block, self.config, block_generator(seed, stack, index), zero_gains=zero_gains)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -209,11 +209,14 @@ class ResNet(nn.Module):
         parameter / buffer              initialisation
         ==============================  ===================================================
         conv weights                    N(0, 2 / fan_out), fan_out = C_out·3·3 (He et al.
-                                        2015, mode fan_out, as torchvision's ResNet)
+                                        2015, mode fan_out, as torchvision's ResNet); with
+                                        ``weight_init="spectral"`` N(0, s(C_out, C_in·3·3)²)
         BatchNorm gain / bias           1 / 0; ``bn2`` gain 0 with ``zero_init_residual``
         BatchNorm running mean / var    0 / 1, ``num_batches_tracked`` 0
-        classifier weight / bias        N(0, 0.01²) / 0
+        classifier weight / bias        N(0, 0.01²), spectral N(0, s(K, C)²) / 0
         ==============================  ===================================================
+
+        s is :func:`~depthgrow.models.base.spectral_std`.
 
         The stem, the transitions and the classifier draw, in that order, from one generator derived from
         (seed, EMBEDDING_STREAM), so they do not depend on the depth; each block draws from its own
@@ -221,10 +224,11 @@ class ResNet(nn.Module):
         to depth L is initialised bit for bit as in a fresh depth-L model with the same seed, on any device.
         """
         generator = derived_generator(seed, EMBEDDING_STREAM)
-        _he_init(self.stem, generator)
+        _he_init(self.stem, self.config, generator)
         for stage in self.stages:
-            _he_init(stage.transition, generator)
-        normal_(self.classifier.weight, CLASSIFIER_STD, generator)
+            _he_init(stage.transition, self.config, generator)
+        classifier_std = self.config.matrix_std(*self.classifier.weight.shape, CLASSIFIER_STD)
+        normal_(self.classifier.weight, classifier_std, generator)
         self.classifier.bias.zero_()
         for stack, blocks in self.block_stacks().items():
             for index, block in enumerate(blocks):
@@ -237,14 +241,18 @@ def _stage_index(stack: str) -> int:
 
 
 @torch.no_grad()
-def _he_init(module: nn.Module, generator: torch.Generator, *, zero_gains: Sequence[nn.Module] = ()) -> None:
-    """Conv weights N(0, 2 / fan_out) in module order, BatchNorm gains 1 (0 for ``zero_gains``), biases 0 and
-    running statistics reset (the model was allocated with ``to_empty``, so the buffers hold garbage)."""
+def _he_init(
+    module: nn.Module, config: ResNetConfig, generator: torch.Generator, *, zero_gains: Sequence[nn.Module] = ()
+) -> None:
+    """Conv weights N(0, 2 / fan_out) (or spectral, see ``init_weights``) in module order, BatchNorm gains 1 (0
+    for ``zero_gains``), biases 0 and running statistics reset (the model was allocated with ``to_empty``, so
+    the buffers hold garbage)."""
     zero_ids = {id(m) for m in zero_gains}
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1]
-            normal_(m.weight, math.sqrt(2.0 / fan_out), generator)
+            fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+            normal_(m.weight, config.matrix_std(m.out_channels, fan_in, math.sqrt(2.0 / fan_out)), generator)
         elif isinstance(m, nn.BatchNorm2d):
             m.weight.fill_(0.0 if id(m) in zero_ids else 1.0)
             m.bias.zero_()
