@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from depthgrow.frontier import PowerLaw, fit_frontier
+
 
 def gap_law(lengths: list[float], gaps: list[float]) -> tuple[float, float]:
     """(a, b) of gap = a T^-b, fitted on log-log."""
@@ -29,25 +31,12 @@ def gap_law(lengths: list[float], gaps: list[float]) -> tuple[float, float]:
     return float(np.exp(intercept)), float(-slope)
 
 
-def loss_law(lengths: list[float], losses: list[float]) -> tuple[float, float, float]:
-    """(E, A, alpha) of L(T) = E + A T^-alpha: for each E on a grid below the smallest loss a log-log line
-    fits the rest; the E with the smallest squared error in L wins."""
-    t, loss = np.asarray(lengths, float), np.asarray(losses, float)
-    best = None
-    for floor in np.linspace(0.0, loss.min() - 1e-4, 2000):
-        slope, intercept = np.polyfit(np.log(t), np.log(loss - floor), 1)
-        error = float(np.sum((floor + np.exp(intercept) * t**slope - loss) ** 2))
-        if best is None or error < best[0]:
-            best = (error, float(floor), float(np.exp(intercept)), float(-slope))
-    return best[1], best[2], best[3]
-
-
-def _law_reach(energy: float, scale: float, alpha: float, fraction: float, target_pct: float) -> float:
+def _law_reach(law: PowerLaw, fraction: float, target_pct: float) -> float:
     """The T at which L(fraction x T) / L(T) - 1 falls to ``target_pct`` under the fixed-depth law: the gap
     of a run that ends where a fixed-depth run given its FLOPs ends (bisection on log T)."""
 
     def gap(t: float) -> float:
-        return 100 * ((energy + scale * (fraction * t) ** -alpha) / (energy + scale * t**-alpha) - 1)
+        return 100 * (law.loss(fraction * t) / law.loss(t) - 1)
 
     low, high = 1.0, 1e15
     for _ in range(200):
@@ -62,10 +51,13 @@ def main() -> None:
     rows = json.loads(parser.parse_args().summary.read_text())
 
     baselines = sorted({(row["x"], row["baseline_val_loss"]) for row in rows})
-    energy, scale, alpha = loss_law([t for t, _ in baselines], [loss for _, loss in baselines])
-    print(f"fixed depth: L(T) = {energy:.4f} + {scale:.3g} T^-{alpha:.3f}")
+    frontier = fit_frontier(baselines)  # the law in T: at a fixed depth FLOPs are proportional to T
+    if frontier is None:
+        raise SystemExit("the fixed-depth losses do not follow a falling power law: nothing to extrapolate")
+    law = frontier.law
+    print(f"fixed depth: {law.text().replace('C', 'T')}")
     for t, loss in baselines:
-        print(f"  T={t:>6}: measured {loss:.4f}, law {energy + scale * t**-alpha:.4f}")
+        print(f"  T={t:>6}: measured {loss:.4f}, law {law.loss(t):.4f}")
 
     by_source = defaultdict(list)
     for row in rows:
@@ -79,14 +71,14 @@ def main() -> None:
             f"0.5 % at T ~ {reach[0.5]:,.0f} (steps after the expansion: 0.2 T)"
         )
         fraction = runs[0]["compute_fraction"]
-        by_law = {target: _law_reach(energy, scale, alpha, fraction, target) for target in (1.0, 0.5)}
+        by_law = {target: _law_reach(law, fraction, target) for target in (1.0, 0.5)}
         print(
             f"  if the run ends as a fixed-depth run of the same FLOPs: 1 % at T ~ {by_law[1.0]:,.0f}, "
             f"0.5 % at T ~ {by_law[0.5]:,.0f}"
         )
         print(f"  {'T':>6} {'gap %':>7} {'FLOPs':>7} {'progressive':>11} {'fixed, same FLOPs':>17} {'difference':>10}")
         for row in runs:
-            matched = energy + scale * (row["compute_fraction"] * row["x"]) ** -alpha
+            matched = law.loss(row["compute_fraction"] * row["x"])
             loss, fraction = row["final_val_loss"], row["compute_fraction"]
             print(
                 f"  {row['x']:>6} {row['gap_pct']:>+7.2f} {fraction:>7.1%} {loss:>11.4f} "

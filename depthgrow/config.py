@@ -27,13 +27,13 @@ from depthgrow.optim import OptimConfig
 from depthgrow.presets import preset
 from depthgrow.schedule import GrowthPlan, ScheduleConfig, growth_plan
 
-DEFAULT_PRESET = "gpt2-micro"
+DEFAULT_PRESET = "gpt2-micro-bpe"
 LOGGERS = ("tensorboard", "wandb")  # optional trackers beside log.jsonl, which is always written
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    steps: int = 8000  # T, the total number of optimizer steps
+    steps: int = 4000  # T, the total number of optimizer steps
     batch_size: int = 32  # examples per step; tokens per step = batch_size * model.block_size
     seed: int = 0  # model init, new blocks at growth and the batch order all derive from it
     eval_every: int = 250  # steps between validation evaluations (also at the end and around growth)
@@ -182,11 +182,9 @@ def _with_overrides(raw: dict[str, Any], overrides: dict[str, str]) -> dict[str,
 
 
 def _resolved(config: RunConfig) -> RunConfig:
+    # data.tokenizer="auto" stays as it is: it is resolved against model.vocab_size where the data is loaded,
+    # so that a config derived with another vocabulary size (an experiment's variant) gets its own tokenizer
     config = dataclasses.replace(config.validate(), optim=config.optim.resolved())
-    if config.model.task == "lm":
-        # the tokenizer "auto" stands for, so that the saved config names the one the run uses
-        data = dataclasses.replace(config.data, tokenizer=config.data.tokenizer_for(config.model.vocab_size))
-        config = dataclasses.replace(config, data=data)
     if config.data.path is not None:
         # absolute, so that a resume or a compare rerun from another folder reads the same data
         absolute = str(Path(config.data.path).expanduser().resolve())

@@ -49,6 +49,8 @@ class Experiment:
     variants: Callable[[bool, RunConfig], list[Variant]]  # (full grid or not, base config) -> variants
     base: Callable[[bool], dict[str, str]] = lambda full: {}  # settings under the user's overrides
     x_label: str = "expansion time (fraction of T)"  # what a sweep's x is
+    # trace each baseline's loss-versus-FLOPs frontier (shorter fixed-depth runs) for the compute multiplier
+    frontier: bool = True
 
 
 def _growth(source: int, at: float, init: str = "random", **more: str) -> dict[str, str]:
@@ -105,7 +107,7 @@ def _optimizer_variants(full: bool, base: RunConfig) -> list[Variant]:
 def _recipe_variants(full: bool, base: RunConfig) -> list[Variant]:
     """The choices the paper leaves to an implementation: Muon's per-matrix step scale and the weight init,
     each at learning rates around the recipe's, for a zero-layer run and its fixed-depth baseline."""
-    factors = (0.5, 1.0, 2.0)
+    factors = (0.5, 1.0, 2.0) if full else (1.0, 2.0)
     return [
         Variant(
             f"{adjust} {weight_init} lr x{factor:g}",
@@ -126,29 +128,25 @@ def _recipe_variants(full: bool, base: RunConfig) -> list[Variant]:
 
 def _regime_variants(full: bool, base: RunConfig) -> list[Variant]:
     """Where the zero-layer phase could pay: the vocabulary (bytes against BPE vocabularies, so the
-    embedding's share of the parameters) and the model's width (tokens per parameter at a fixed budget),
-    with Muon on every matrix (the paper's) and on the blocks only."""
+    embedding's share of the parameters), the model's width (tokens per parameter at a fixed number of
+    steps) and the optimizer's scope (Muon on every matrix, the paper's, or on the blocks' only)."""
+    width = base.model.n_embd
     vocabularies = (256, 1024, 2048, 4096, 8192) if full else (256, 1024, 2048, 4096)
-    widths = (32, 64, 128) if full else (32, 64)
-    variants = []
-    for width in widths:
-        for vocab in vocabularies if width == base.model.n_embd else (2048,):
-            for scope in ("all", "blocks"):
-                for source in (0, 1):
-                    variants.append(
-                        Variant(
-                            f"d={width} V={vocab} muon {scope} {source} -> L",
-                            {
-                                "model.n_embd": str(width),
-                                "model.vocab_size": str(vocab),
-                                "optim.muon_scope": scope,
-                                **_growth(source, 0.8),
-                            },
-                            series=f"d={width} muon {scope} source {source}",
-                            x=vocab,
-                        )
-                    )
-    return variants
+    cells = [(width, vocab, "all") for vocab in vocabularies]
+    cells += [(width, vocab, "blocks") for vocab in (vocabularies if full else (256, 2048))]
+    cells += [(width // 2, vocab, "all") for vocab in (vocabularies if full else (1024, 2048))]
+    if full:
+        cells += [(width * 2, vocab, "all") for vocab in (256, 2048)]
+    return [
+        Variant(
+            f"d={d} V={vocab} muon {scope} {source} -> L",
+            {"model.n_embd": str(d), "model.vocab_size": str(vocab), "optim.muon_scope": scope, **_growth(source, 0.8)},
+            series=f"d={d} muon {scope} source {source}",
+            x=vocab,
+        )
+        for d, vocab, scope in cells
+        for source in (0, 1)
+    ]
 
 
 def _horizon_variants(full: bool, base: RunConfig) -> list[Variant]:
@@ -213,9 +211,10 @@ EXPERIMENTS: dict[str, Experiment] = {
         Experiment(
             "recipe",
             "Muon's step scale (torch's adjust_lr_fn) and the weight init (standard or muP-style spectral), "
-            "each at three learning rates: the zero-layer run and its fixed-depth baseline",
+            "each at two learning rates (three with --full): the zero-layer run and its fixed-depth baseline",
             "lr",
             _recipe_variants,
+            frontier=False,  # a choice between recipes, made on their losses
         ),
         Experiment(
             "regime",
@@ -310,7 +309,9 @@ def run_experiment(
                 raise KeyboardInterrupt
             summaries[label] = summary
         if baseline.train.out_dir not in frontiers:
-            frontiers[baseline.train.out_dir] = _frontier(baseline, summaries["baseline"], store, name)
+            frontiers[baseline.train.out_dir] = (
+                _frontier(baseline, summaries["baseline"], store, name) if experiment.frontier else None
+            )
         run_log = read_log(Path(config.train.out_dir) / LOG_NAME)
         baseline_log = read_log(Path(baseline.train.out_dir) / LOG_NAME)
         logs[variant.label] = run_log

@@ -130,15 +130,22 @@ def plot_lr(rows: list[dict[str, Any]], path: str | Path, *, title: str) -> Path
     """Final validation loss against the peak learning rate: each series (solid) and its fixed-depth
     baselines (dashed, square markers; series that share their baselines share one line)."""
     figure, axes = plt.subplots(figsize=(8, 5.5))
+    series_names = list(dict.fromkeys(r["series"] for r in rows))
+    baselines = {
+        series: tuple(sorted({(r["x"], r["baseline_val_loss"]) for r in rows if r["series"] == series}))
+        for series in series_names
+    }
+    shared = len(set(baselines.values())) == 1
     drawn: set[tuple[tuple[float, float], ...]] = set()
-    for index, series in enumerate(dict.fromkeys(r["series"] for r in rows)):
+    for index, series in enumerate(series_names):
         points = sorted((r["x"], r["final_val_loss"]) for r in rows if r["series"] == series)
         axes.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{index}", label=series)
-        baseline = tuple(sorted({(r["x"], r["baseline_val_loss"]) for r in rows if r["series"] == series}))
-        if baseline not in drawn:
-            label = "fixed depth" if len(drawn) == 0 else f"fixed depth ({series})"
-            axes.plot([p[0] for p in baseline], [p[1] for p in baseline], "s--", color=f"C{index}", label=label)
-            drawn.add(baseline)
+        if baselines[series] not in drawn:
+            label = "fixed depth" if shared else f"fixed depth ({series})"
+            colour = "black" if shared else f"C{index}"
+            xs, ys = zip(*baselines[series], strict=True)
+            axes.plot(xs, ys, "s--", color=colour, label=label)
+            drawn.add(baselines[series])
     axes.set_xscale("log")
     axes.set_xlabel("peak learning rate")
     axes.set_ylabel("final validation loss (nats/token)")

@@ -82,8 +82,11 @@ def test_auto_picks_the_tokenizer_from_the_models_vocabulary():
     assert DataConfig().tokenizer_for(50257) == "gpt2"
     assert DataConfig().tokenizer_for(2048) == "bpe"
     assert DataConfig(tokenizer="byte").tokenizer_for(2048) == "byte"
-    config = load_config(None, {"model.preset": "gpt2-test", "model.vocab_size": "300"})
-    assert config.data.tokenizer == "bpe"  # the saved config names the tokenizer the run uses
+    # resolved where the data is loaded: a config derived with another vocabulary gets its own tokenizer
+    config = load_config(None, {"model.preset": "gpt2-test"})
+    assert config.data.tokenizer == "auto" and config.data.tokenizer_for(config.model.vocab_size) == "byte"
+    bigger = config.with_overrides({"model.vocab_size": "300"})
+    assert bigger.data.tokenizer_for(bigger.model.vocab_size) == "bpe"
 
 
 def test_a_run_keeps_its_vocabulary_resumes_with_it_and_exports_it(tmp_path, monkeypatch):

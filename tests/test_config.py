@@ -20,8 +20,8 @@ SHIPPED_CONFIGS = sorted(CONFIGS_DIR.glob("*.toml"))
 def test_default_config_is_valid():
     config = RunConfig()
     assert config.problems() == []
-    assert config.model_preset == "gpt2-micro"
-    assert config.model == PRESETS["gpt2-micro"]
+    assert config.model_preset == "gpt2-micro-bpe"
+    assert config.model == PRESETS["gpt2-micro-bpe"]
     assert config.model.n_layer == 4
     assert config.growth.source_depth is None  # a fixed-depth run
     assert config.data.path is None  # the embedded corpus
@@ -33,9 +33,7 @@ def test_load_config_without_file_equals_defaults_with_the_optimizer_defaults_fi
     assert defaults.optim.lr is None and defaults.optim.weight_decay is None
     assert loaded.optim.lr == OPTIMIZER_DEFAULTS[loaded.optim.name]["lr"]
     assert loaded.optim.weight_decay == OPTIMIZER_DEFAULTS[loaded.optim.name]["weight_decay"]
-    # and the tokenizer that "auto" means for the model's vocabulary, named
-    data = dataclasses.replace(defaults.data, tokenizer=defaults.data.tokenizer_for(defaults.model.vocab_size))
-    assert loaded.to_dict() == dataclasses.replace(defaults, optim=defaults.optim.resolved(), data=data).to_dict()
+    assert loaded.to_dict() == dataclasses.replace(defaults, optim=defaults.optim.resolved()).to_dict()
 
 
 def test_switching_optimizer_brings_its_own_learning_rate_unless_given():

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -44,7 +45,7 @@ def test_config_hash_ignores_the_output_folder_only():
     assert config_hash(config.with_overrides({"train.seed": "1"})) != config_hash(config)
 
 
-@pytest.mark.parametrize("name", ["init", "timing", "sources", "lr"])
+@pytest.mark.parametrize("name", ["init", "timing", "sources", "lr", "recipe"])
 def test_an_experiment_runs_end_to_end_on_a_tiny_grid(tmp_path, capsys, name):
     out = tmp_path / "results"
     depth = ["--model.n_layer=8"] if name == "sources" else []  # sources up to 4 need a deeper target
@@ -54,18 +55,33 @@ def test_an_experiment_runs_end_to_end_on_a_tiny_grid(tmp_path, capsys, name):
     for row in rows:
         assert row["gap_pct"] == pytest.approx(100 * (row["final_val_loss"] / row["baseline_val_loss"] - 1))
         assert 0 < row["compute_fraction"] < 1
+        if not EXPERIMENTS[name].frontier:
+            assert row["frontier"] is None and row["compute_multiplier"] is None
+            continue
+        # every baseline's frontier: it and its runs of a quarter, half and three quarters of its steps
+        frontier = row["frontier"]
+        assert len(frontier["points"]) == 4 and row["baseline_val_loss"] in [p["val_loss"] for p in frontier["points"]]
+        law = frontier["law"]
+        assert row["compute_matched_loss"] == pytest.approx(
+            law["E"] + law["A"] * (row["flops"] / law["scale"]) ** -law["alpha"]
+        )
+        if row["compute_multiplier"] is not None:
+            needed = law["scale"] * (law["A"] / (row["final_val_loss"] - law["E"])) ** (1 / law["alpha"])
+            assert row["compute_multiplier"] == pytest.approx(needed / row["flops"])
     assert (out / name / "plot.png").stat().st_size > 10_000
     table = (out / name / "table.md").read_text()
     assert table.count("\n| ") == len(rows) + 1
     if name == "timing":  # one baseline per schedule, shared by its variants
         assert len({r["baseline_val_loss"] for r in rows}) == 2
+    if name == "recipe":  # a baseline per step scale, init and learning rate
+        assert len({r["baseline_val_loss"] for r in rows}) == len(rows) == 8
     if name == "lr":  # one baseline per learning rate, shared by both sources
         assert len({r["baseline_val_loss"] for r in rows}) == 3
         peak = load_config().optim.lr
         assert sorted({r["x"] for r in rows}) == pytest.approx([peak / 2, peak, peak * 2])
     capsys.readouterr()
     assert main(["experiment", name, *TINY, *depth, "--out", str(out)]) == 0  # a rerun trains nothing
-    assert "step 40/40" not in capsys.readouterr().err
+    assert not re.search(r"step \d+/\d+", capsys.readouterr().err)
     assert json.loads((out / name / "summary.json").read_text()) == rows
 
 
@@ -79,3 +95,15 @@ def test_user_overrides_win_over_the_grid_and_the_experiment(tmp_path):
     base = experiment_base("sources", overrides={"train.steps": "77", "model.n_layer": "6"})
     assert (base.train.steps, base.model.n_layer) == (77, 6)
     assert experiment_base("sources").model.n_layer == 8
+
+
+def test_the_regime_plot_draws_the_multiplier_against_the_vocabulary(tmp_path):
+    from depthgrow.plot import plot_regime
+
+    rows = [
+        {"series": f"muon {scope}", "x": vocab, "compute_multiplier": m, "multiplier_extrapolated": vocab == 256}
+        for scope, ms in (("all", (0.8, 1.1, 1.4)), ("blocks", (0.7, 0.9, None)))
+        for vocab, m in zip((256, 1024, 4096), ms, strict=True)
+    ]
+    path = plot_regime(rows, tmp_path / "plot.png", title="regime", x_label="vocabulary size")
+    assert path.stat().st_size > 10_000

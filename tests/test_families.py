@@ -119,7 +119,7 @@ def test_context_longer_than_block_size_is_refused():
 
 
 def test_init_scales_residual_projections_with_current_depth():
-    config = dataclasses.replace(preset("moe-test"), n_layer=8, n_embd=256, expert_hidden=256)
+    config = dataclasses.replace(preset("moe-test"), n_layer=8, n_embd=256, expert_hidden=256, weight_init="standard")
     block = build_model(config, seed=0).model.layers[5]
     assert block.self_attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.03)
     assert block.mlp.gate.weight.std().item() == pytest.approx(0.02, rel=0.1)
@@ -134,7 +134,7 @@ def test_init_scales_residual_projections_with_current_depth():
 def _sharp(config):
     """Weights large enough that attention is far from uniform, norm gains other than 1 and a balancing
     bias other than 0, so that a wrong rotary convention, a misplaced gain or bias would show."""
-    model = build_model(dataclasses.replace(config, init_std=0.3), seed=1).eval()
+    model = build_model(dataclasses.replace(config, weight_init="standard", init_std=0.3), seed=1).eval()
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in model.parameters():

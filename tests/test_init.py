@@ -11,7 +11,7 @@ from depthgrow import build_model, build_optimizer, grow, preset
 from depthgrow.models.base import spectral_std
 from depthgrow.optim import OptimConfig
 
-PRESETS = ["gpt2-micro", "llama-micro", "moe-micro", "resnet-digits"]
+PRESETS = ["gpt2-micro", "gpt2-micro-bpe", "llama-micro-bpe", "moe-micro-bpe", "resnet-digits"]
 
 
 def spectral(name: str, depth: int | None = None):
@@ -42,6 +42,10 @@ def test_every_matrix_starts_with_spectral_norm_sqrt_fan_out_over_fan_in(name):
     assert checked >= 3
 
 
+def test_the_default_init_is_the_spectral_one():
+    assert all(config.weight_init == "spectral" for config in map(preset, PRESETS))
+
+
 def test_the_position_embedding_adds_at_the_token_embeddings_scale():
     model = build_model(spectral("gpt2-micro"), seed=0)
     wte, wpe = model.transformer.wte.weight, model.transformer.wpe.weight
@@ -65,7 +69,8 @@ def test_grown_blocks_are_drawn_as_a_fresh_spectral_model_of_the_target_depth(na
 
 
 def test_spectral_and_standard_differ_where_the_widths_make_them_differ():
-    standard, ours = build_model(preset("gpt2-micro"), seed=0), build_model(spectral("gpt2-micro"), seed=0)
+    standard = build_model(dataclasses.replace(preset("gpt2-micro"), weight_init="standard"), seed=0)
+    ours = build_model(spectral("gpt2-micro"), seed=0)
     # GPT-2's 0.02 at width 64 is about 4x below the spectral condition (c_fc: 0.47 against 2.0)
     c_fc = "transformer.h.0.mlp.c_fc.weight"
     ratio = ours.get_parameter(c_fc).std() / standard.get_parameter(c_fc).std()

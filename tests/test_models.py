@@ -72,7 +72,7 @@ def test_parameter_names_follow_hugging_face_gpt2():
 
 
 def test_init_scales_residual_projections_with_depth():
-    config = GPT2Config(n_layer=16, n_embd=256, n_head=4, block_size=8, vocab_size=256)
+    config = GPT2Config(n_layer=16, n_embd=256, n_head=4, block_size=8, vocab_size=256, weight_init="standard")
     model = build_model(config, seed=0)
     block = model.transformer.h[3]
     assert block.attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.02)

@@ -146,7 +146,7 @@ def test_zero_layer_resnet_classifies_without_blocks():
 
 
 def test_init_follows_the_table():
-    config = ResNetConfig(n_layer=2, width=32, n_stage=2, in_channels=3, image_size=8)
+    config = ResNetConfig(n_layer=2, width=32, n_stage=2, in_channels=3, image_size=8, weight_init="standard")
     model = build_model(config, seed=0)
     block = model.stages[1].blocks[1]  # 64 channels: fan_out = 64·9
     assert block.conv1.weight.std().item() == pytest.approx(math.sqrt(2 / (64 * 9)), rel=0.03)

@@ -150,7 +150,7 @@ def test_a_log_shorter_than_the_checkpoint_expects_is_refused(tmp_path):
 
 def test_a_diverging_run_stops_with_an_error_and_keeps_its_checkpoint(tmp_path):
     with pytest.raises(DepthgrowError, match="loss became nan at step 1"):
-        train(tiny(tmp_path, "run", model__init_std="1e30"))
+        train(tiny(tmp_path, "run", model__weight_init="standard", model__init_std="1e30"))
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 

@@ -32,9 +32,10 @@ class ModelConfig:
     task: ClassVar[str] = "lm"  # what the trainer feeds the model: "lm" token windows, "image" images
     unit: ClassVar[str] = "token"  # what FLOPs and throughput are counted per
     n_layer: int
-    # "standard": the family's usual init (GPT-2's N(0, init_std²), He's for ResNets); "spectral": muP-style,
-    # every weight matrix with spectral norm about sqrt(fan_out / fan_in) (see spectral_std)
-    weight_init: WeightInit = "standard"
+    # "spectral": muP-style, every weight matrix with spectral norm about sqrt(fan_out / fan_in) (see
+    # spectral_std; the paper's condition, and the better of the two in `depthgrow experiment recipe`);
+    # "standard": the family's usual init (GPT-2's N(0, init_std²), He's for ResNets)
+    weight_init: WeightInit = "spectral"
 
     def with_depth(self, depth: int) -> ModelConfig:
         return dataclasses.replace(self, n_layer=depth)

@@ -38,7 +38,7 @@ class GPT2Config(ModelConfig):
     vocab_size: int = 50257
     bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
     dropout: float = 0.0
-    init_std: float = 0.02
+    init_std: float = 0.02  # the std of weight_init="standard" (GPT-2's); the spectral init does not use it
 
     def problems(self) -> list[str]:
         found = super().problems()

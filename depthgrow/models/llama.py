@@ -46,7 +46,7 @@ class DecoderConfig(ModelConfig):
     rope_theta: float = 500000.0  # LLaMA-3's; LLaMA-1/2 used 10000
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # the LM head is the token embedding (one parameter, no lm_head entry)
-    init_std: float = 0.02
+    init_std: float = 0.02  # the std of weight_init="standard" (GPT-2's); the spectral init does not use it
 
     def units_per_example(self) -> int:
         return self.block_size
