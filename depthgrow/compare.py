@@ -25,7 +25,7 @@ from depthgrow.analysis import DEFAULT_MIX_TOLERANCE, closest_gap, eval_curve, l
 from depthgrow.config import RunConfig
 from depthgrow.errors import DepthgrowError
 from depthgrow.flops import DEPTHGROW, PAPER, FlopCounting, plan_flops
-from depthgrow.frontier import Frontier, fit_frontier, ladder_fractions
+from depthgrow.frontier import MIN_POINTS, Frontier, fit_frontier, ladder_fractions
 from depthgrow.growth import COPY_INITS, GrowthConfig
 from depthgrow.metrics import LOG_NAME, read_log
 from depthgrow.train import run_or_reuse
@@ -186,9 +186,10 @@ def _wall(summary: dict[str, Any]) -> float:
 def _title(config: RunConfig) -> str:
     model = config.model
     name = config.model_preset or model.family
+    vocabulary = getattr(model, "vocab_size", None)  # image models have none
+    shape = f"{model.n_layer} layers" + ("" if vocabulary is None else f", vocabulary {vocabulary}")
     return (
-        f"{name} ({model.n_layer} layers, vocabulary {model.vocab_size}), {config.optim.name} lr {config.optim.lr:g}, "
-        f"{config.schedule.name}, T={config.train.steps}"
+        f"{name} ({shape}), {config.optim.name} lr {config.optim.lr:g}, {config.schedule.name}, T={config.train.steps}"
     )
 
 
@@ -230,13 +231,20 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def frontier_text(frontier: Frontier | None, rows: list[dict[str, Any]]) -> str:
     """A line on the fixed-depth frontier the multipliers come from."""
+    fixed = sorted((row["steps"], row["final_val_loss"]) for row in rows if row["source_depth"] is None)
     if frontier is None:
-        return "fixed-depth frontier: not fitted (fewer than three fixed-depth lengths, or losses not falling)"
+        losses = ", ".join(f"T = {steps}: {loss:.4f}" for steps, loss in fixed)
+        return (
+            f"fixed-depth frontier: not fitted, so no compute multipliers: the fixed-depth losses ({losses}) do not "
+            "fall at every longer run (overfitting, or differences within noise)"
+            if len(fixed) >= MIN_POINTS
+            else f"fixed-depth frontier: not fitted, so no compute multipliers: {len(fixed)} fixed-depth lengths, "
+            f"a law needs {MIN_POINTS}"
+        )
     residuals = ", ".join(f"{r:+.4f}" for r in frontier.residuals)
-    fixed = sorted(row["steps"] for row in rows if row["source_depth"] is None)
     return (
         f"fixed-depth frontier (FLOPs C, depthgrow counting): {frontier.law.text()}, fitted to the fixed-depth "
-        f"runs of T = {', '.join(map(str, fixed))} steps; residuals {residuals}"
+        f"runs of T = {', '.join(str(steps) for steps, _ in fixed)} steps; residuals {residuals}"
     )
 
 

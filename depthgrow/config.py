@@ -33,7 +33,7 @@ LOGGERS = ("tensorboard", "wandb")  # optional trackers beside log.jsonl, which 
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    steps: int = 4000  # T, the total number of optimizer steps
+    steps: int = 3600  # T, the total number of optimizer steps
     batch_size: int = 32  # examples per step; tokens per step = batch_size * model.block_size
     seed: int = 0  # model init, new blocks at growth and the batch order all derive from it
     eval_every: int = 250  # steps between validation evaluations (also at the end and around growth)

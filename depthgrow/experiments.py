@@ -236,6 +236,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             "the peak learning rate, swept for the fixed-depth baseline and the progressive runs alike",
             "lr",
             _lr_variants,
+            frontier=False,  # a tuning sweep, read on final losses; each lr's own frontier would triple its cost
         ),
     )
 }

@@ -20,6 +20,7 @@ holds. A multiplier whose C* lies outside the measured FLOPs is an extrapolation
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -85,9 +86,10 @@ class Frontier:
 
 def fit_frontier(points: Sequence[tuple[float, float]]) -> Frontier | None:
     """The law through fixed-depth points (FLOPs, loss), or None when it cannot be fitted: fewer than three
-    distinct FLOPs, or losses that do not fall as FLOPs grow (no positive exponent fits them)."""
+    distinct FLOPs, or losses that do not fall at every step up in FLOPs (a model that overfits, or noise
+    as large as the gains: no loss-versus-compute law to read a multiplier from)."""
     points = tuple(sorted((float(c), float(loss)) for c, loss in points))
-    if len({c for c, _ in points}) < MIN_POINTS:
+    if len({c for c, _ in points}) < MIN_POINTS or not falls_with_compute(points):
         return None
     flops = np.array([c for c, _ in points])
     losses = np.array([loss for _, loss in points])
@@ -118,6 +120,12 @@ def fit_frontier(points: Sequence[tuple[float, float]]) -> Frontier | None:
     if not (alpha > 0 and A > 0 and math.isfinite(alpha)):
         return None
     return Frontier(points=points, law=PowerLaw(E=E, A=A, alpha=alpha, scale=scale))
+
+
+def falls_with_compute(points: Sequence[tuple[float, float]]) -> bool:
+    """Whether the loss falls from each fixed-depth run to the next larger one."""
+    ordered = sorted(points)
+    return all(later[1] < earlier[1] for earlier, later in itertools.pairwise(ordered))
 
 
 def ladder_fractions(progressive_fractions: Sequence[float]) -> list[float]:

@@ -9,6 +9,8 @@ import pytest
 
 from depthgrow.checkpoint import load_checkpoint
 from depthgrow.cli import COMMANDS, build_parser, main
+from depthgrow.compare import frontier_text
+from depthgrow.frontier import fit_frontier
 
 TINY = [
     "--model", "gpt2-test", "--train.steps=40", "--train.batch_size=4", "--train.eval_every=10",
@@ -212,6 +214,25 @@ def test_compare_writes_table_summary_and_plot_and_reuses_finished_runs(tmp_path
     printed = capsys.readouterr().out
     assert printed.count("reusing the finished run") == 1 + len(ladder) and "fixed: reusing" in printed
     assert [r["init"] for r in json.loads((out / "summary.json").read_text())["runs"][:3]] == [None, "zero", "zero"]
+
+
+def test_compare_runs_an_image_model_to_its_plot(tmp_path, capsys):
+    out = tmp_path / "compare"
+    args = ["--model", "resnet-test", "--train.steps=30", "--train.batch_size=16", "--train.eval_every=10"]
+    assert main(["compare", *args, "--sources", "0", "--out", str(out)]) == 0
+    assert "fixed-depth frontier" in capsys.readouterr().out
+    assert (out / "compare.png").stat().st_size > 10_000
+
+
+def test_without_a_frontier_the_table_says_why_and_gives_no_multipliers():
+    rows = [
+        {"source_depth": None, "steps": steps, "final_val_loss": loss}
+        for steps, loss in [(2000, 0.0812), (202, 0.0796), (403, 0.0493), (802, 0.0178)]
+    ]  # the digits' fixed-depth runs: the longest overfits
+    assert fit_frontier([(row["steps"] * 1e9, row["final_val_loss"]) for row in rows]) is None
+    text = frontier_text(None, rows)
+    assert "no compute multipliers" in text and "T = 802: 0.0178, T = 2000: 0.0812" in text
+    assert "2 fixed-depth lengths, a law needs 3" in frontier_text(None, rows[:2])
 
 
 def test_the_package_imports_without_optional_extras():

@@ -31,6 +31,8 @@ def test_noisy_points_give_a_law_whose_residuals_are_the_noise():
 def test_no_law_from_two_lengths_or_from_losses_that_do_not_fall():
     assert fit_frontier([(1e12, 2.0), (2e12, 1.9), (2e12, 1.8)]) is None
     assert fit_frontier([(1e12, 2.0), (2e12, 2.1), (4e12, 2.2)]) is None
+    # falling overall (a positive exponent fits) but rising at the longest run, as an overfitting model does
+    assert fit_frontier([(1e12, 0.08), (2e12, 0.05), (4e12, 0.018), (1e13, 0.081)]) is None
 
 
 def test_the_ladder_has_each_progressive_fraction_half_the_smallest_and_the_full_run():
