@@ -65,11 +65,14 @@ def main() -> None:
     for source, runs in sorted(by_source.items()):
         runs.sort(key=lambda row: row["x"])
         a, b = gap_law([row["x"] for row in runs], [row["gap_pct"] for row in runs])
-        reach = {target: (a / target) ** (1 / b) for target in (1.0, 0.5)}
-        print(
-            f"\nsource {source}: gap = {a:.3g} T^-{b:.3f} %; 1 % at T ~ {reach[1.0]:,.0f}, "
-            f"0.5 % at T ~ {reach[0.5]:,.0f} (steps after the expansion: 0.2 T)"
-        )
+        if b > 0:
+            reach = {target: (a / target) ** (1 / b) for target in (1.0, 0.5)}
+            print(
+                f"\nsource {source}: gap = {a:.3g} T^-{b:.3f} %; 1 % at T ~ {reach[1.0]:,.0f}, "
+                f"0.5 % at T ~ {reach[0.5]:,.0f} (steps after the expansion: 0.2 T)"
+            )
+        else:  # a gap that grows with T never reaches a target: nothing to extrapolate
+            print(f"\nsource {source}: gap = {a:.3g} T^{-b:.3f} %: it grows with T, so it reaches no target")
         fraction = runs[0]["compute_fraction"]
         by_law = {target: _law_reach(law, fraction, target) for target in (1.0, 0.5)}
         print(
