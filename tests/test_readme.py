@@ -28,3 +28,11 @@ def test_the_library_example_runs():
     exec(compile(example, "README example", "exec"), namespace)
     assert namespace["model"].config.n_layer == 12
     assert len(namespace["new_names"]) == 12 * 12  # twelve fresh blocks of twelve tensors
+
+
+def test_every_image_the_docs_show_is_in_the_repository():
+    for page in (ROOT / "README.md", ROOT / "docs" / "results.md"):
+        images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page.read_text())
+        assert images, page
+        for image in images:
+            assert (page.parent / image).is_file(), f"{page.name} shows {image}, which is not in the repository"
