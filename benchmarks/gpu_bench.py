@@ -25,7 +25,7 @@ from depthgrow.compare import compare
 from depthgrow.data import make_batches
 from depthgrow.distributed import World, plain_module, wrap
 from depthgrow.flops import DEPTHGROW, peak_tflops
-from depthgrow.train import loss_fn, resolve_device
+from depthgrow.trainer import loss_fn, resolve_device
 
 
 def throughput(config, depth: int, *, compile_model: bool, steps: int, warmup: int, device, peak: float | None):

@@ -2,43 +2,55 @@
 
 Train a zero- or one-layer model for most of the run, grow it once to full depth with :func:`grow`,
 and finish as good as a model trained at full depth all along, for a fraction of the compute.
+
+The names below are imported on first use, so that ``import depthgrow`` (and the ``depthgrow`` command's
+start, which handles Ctrl-C before torch is loaded) costs nothing until one is needed.
 """
 
-from depthgrow.config import RunConfig, load_config
-from depthgrow.errors import DepthgrowError
-from depthgrow.growth import INITS, GrowthConfig, grow
-from depthgrow.models import GPT2, GPT2Config, Llama, LlamaConfig, MoE, MoEConfig, ResNet, ResNetConfig, build_model
-from depthgrow.optim import NormalizedSGD, OptimConfig, OptimizerChain, build_optimizer
-from depthgrow.presets import PRESETS, preset
-from depthgrow.schedule import GrowthPlan, ScheduleConfig, growth_plan, lr_multiplier
-from depthgrow.train import RunResult, train
+from __future__ import annotations
 
-__all__ = [
-    "GPT2",
-    "INITS",
-    "PRESETS",
-    "DepthgrowError",
-    "GPT2Config",
-    "Llama",
-    "LlamaConfig",
-    "MoE",
-    "MoEConfig",
-    "GrowthConfig",
-    "GrowthPlan",
-    "NormalizedSGD",
-    "OptimConfig",
-    "OptimizerChain",
-    "ResNet",
-    "ResNetConfig",
-    "RunConfig",
-    "RunResult",
-    "ScheduleConfig",
-    "build_model",
-    "build_optimizer",
-    "grow",
-    "growth_plan",
-    "load_config",
-    "lr_multiplier",
-    "preset",
-    "train",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "RunConfig": "depthgrow.config",
+    "load_config": "depthgrow.config",
+    "DepthgrowError": "depthgrow.errors",
+    "INITS": "depthgrow.growth",
+    "GrowthConfig": "depthgrow.growth",
+    "grow": "depthgrow.growth",
+    "GPT2": "depthgrow.models",
+    "GPT2Config": "depthgrow.models",
+    "Llama": "depthgrow.models",
+    "LlamaConfig": "depthgrow.models",
+    "MoE": "depthgrow.models",
+    "MoEConfig": "depthgrow.models",
+    "ResNet": "depthgrow.models",
+    "ResNetConfig": "depthgrow.models",
+    "build_model": "depthgrow.models",
+    "NormalizedSGD": "depthgrow.optim",
+    "OptimConfig": "depthgrow.optim",
+    "OptimizerChain": "depthgrow.optim",
+    "build_optimizer": "depthgrow.optim",
+    "PRESETS": "depthgrow.presets",
+    "preset": "depthgrow.presets",
+    "GrowthPlan": "depthgrow.schedule",
+    "ScheduleConfig": "depthgrow.schedule",
+    "growth_plan": "depthgrow.schedule",
+    "lr_multiplier": "depthgrow.schedule",
+    "RunResult": "depthgrow.trainer",
+    "train": "depthgrow.trainer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'depthgrow' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

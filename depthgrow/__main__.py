@@ -1,5 +1,5 @@
 import sys
 
-from depthgrow.cli import main
+from depthgrow.console import main
 
 sys.exit(main())

@@ -8,6 +8,7 @@ checkpoint's depth whatever the order in which its optimizer groups were built.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 from pathlib import Path
@@ -18,36 +19,72 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from depthgrow.distributed import full_model_state, load_optimizer_state_by_name, optimizer_state_by_name, plain_module
-from depthgrow.errors import DepthgrowError
+from depthgrow.errors import DepthgrowError, OutputWriteError, os_error_in
 from depthgrow.optim import OptimizerChain
 
 CHECKPOINT_NAME = "checkpoint.pt"
+ZIP_MAGIC = b"PK\x03\x04"  # how every torch.save archive starts
 FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name, unsharded
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` atomically; a write that fails (disk full, permissions, I/O) removes its
+    temporary file, leaves the previous checkpoint as it was and raises :class:`OutputWriteError`."""
     path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("wb") as handle:
-        torch.save({"format_version": FORMAT_VERSION, **payload}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+        with temporary.open("wb") as handle:
+            torch.save({"format_version": FORMAT_VERSION, **payload}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except (OSError, RuntimeError) as error:
+        cause = os_error_in(error)
+        if cause is None:
+            raise
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        note = "the previous checkpoint (if any) is left whole and the run stopped; free space and resume"
+        raise OutputWriteError.of(path, cause, needed_bytes=_tensor_bytes(payload), note=note) from None
+
+
+def _tensor_bytes(value: Any) -> int:
+    """The bytes of the tensors in a nested payload: about the size of its file."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_tensor_bytes(item) for item in value)
+    return 0
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise DepthgrowError(f"no checkpoint at {path}")
+    expected = "expected the torch.save archive (a zip file) that depthgrow train writes"
+    try:
+        with path.open("rb") as handle:
+            is_zip = handle.read(4) == ZIP_MAGIC
+    except OSError as error:
+        raise DepthgrowError(f"checkpoint {path} is unreadable: {error.strerror}") from None
+    if not is_zip:
+        raise DepthgrowError(f"checkpoint {path} is unreadable: it is not a zip archive; {expected}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise DepthgrowError(f"checkpoint {path} is unreadable: {str(error).splitlines()[0]}") from None
+    except pickle.UnpicklingError:  # torch's advice here (load with weights_only=False) must not be followed
+        raise DepthgrowError(
+            f"checkpoint {path} is unreadable: it holds Python objects other than tensors and plain values; {expected}"
+        ) from None
+    except (OSError, RuntimeError, EOFError) as error:
+        reason = str(error).splitlines()[0].split(". ")[0]
+        raise DepthgrowError(f"checkpoint {path} is unreadable (damaged or cut short?): {reason}; {expected}") from None
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         raise DepthgrowError(f"{path} is not a depthgrow checkpoint of format {FORMAT_VERSION}")
     return payload

@@ -2,7 +2,9 @@
 
 Every command takes an optional TOML config file and any number of ``--section.key=value`` overrides
 (``--growth.at=0.8``, ``--train.steps 2000``), plus the shorthands ``--model NAME`` (a preset),
-``--data PATH`` and ``--out DIR``. A user mistake ends with one line on stderr and exit status 2.
+``--data PATH`` and ``--out DIR``. A user mistake ends with one line on stderr and exit status 2; a run
+that stops after it started, with one line and the status of :mod:`depthgrow.errors` (3 diverged,
+74 an output could not be written, 130 interrupted).
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from depthgrow.analysis import DEFAULT_MIX_TOLERANCE
 from depthgrow.config import RunConfig, TrainConfig, load_config
-from depthgrow.errors import DepthgrowError
+from depthgrow.errors import INTERRUPTED_STATUS, DepthgrowError
 from depthgrow.flops import DEPTHGROW, PAPER, compare_compute
 from depthgrow.presets import PRESETS
 from depthgrow.schedule import growth_plan
-from depthgrow.train import CONFIG_NAME, train
+from depthgrow.trainer import CONFIG_NAME, train
 
 SHORTHANDS = {"model": "model.preset", "data": "data.path", "out": "train.out_dir"}
 
@@ -68,7 +71,7 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     config = _config(args, overrides)
     result = train(config, resume=args.resume is not None, overwrite=args.overwrite, stop_at=args.stop_at)
     if not result.is_main:  # under torchrun, rank 0 reports
-        return 0 if result.finished or result.state.step == args.stop_at else 130
+        return 0 if result.finished or result.state.step == args.stop_at else INTERRUPTED_STATUS
     if result.finished:
         print(
             f"final validation loss {result.final_val_loss:.4f} after {result.state.step} steps; "
@@ -78,7 +81,7 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     if args.stop_at is not None and result.state.step == args.stop_at:
         print(f"stopped at step {args.stop_at}; resume with: depthgrow train --resume {result.out_dir}")
         return 0
-    return 130
+    return INTERRUPTED_STATUS
 
 
 def cmd_compare(args: argparse.Namespace, overrides: dict[str, str]) -> int:
@@ -201,8 +204,15 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, str]], int]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as every other bad input: one line (no usage lines before it), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise DepthgrowError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="depthgrow",
         description="Progressive depth training: train a zero/one-layer model, grow it once, finish at full depth.",
         epilog="Config options: --section.key=value for any key of the sections model, data, optim, schedule, "
@@ -334,16 +344,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         rest, overrides = split_overrides(argv)
-        args = build_parser().parse_args(rest)
+        args, unknown = build_parser().parse_known_args(rest)
+        if unknown:
+            raise DepthgrowError(f"unrecognized arguments: {' '.join(unknown)} (see depthgrow {args.command} --help)")
         return COMMANDS[args.command](args, overrides)
     except DepthgrowError as error:
         print(f"depthgrow: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("depthgrow: interrupted", file=sys.stderr)
-        return 130
+        return error.exit_status
     except OSError as error:  # a file or folder the user named cannot be read or written
-        print(f"depthgrow: error: {error.filename or ''}: {error.strerror}", file=sys.stderr)
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"depthgrow: error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
 
 

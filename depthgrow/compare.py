@@ -28,7 +28,7 @@ from depthgrow.flops import DEPTHGROW, PAPER, FlopCounting, plan_flops
 from depthgrow.frontier import MIN_POINTS, Frontier, fit_frontier, ladder_fractions
 from depthgrow.growth import COPY_INITS, GrowthConfig
 from depthgrow.metrics import LOG_NAME, read_log
-from depthgrow.train import run_or_reuse
+from depthgrow.trainer import run_or_reuse
 
 FIXED = "fixed"
 COMPARE_RESUME_HINT = "the same depthgrow compare command (finished runs are reused, started ones resumed)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -21,7 +22,7 @@ import tomli_w
 
 from depthgrow.data import DataConfig
 from depthgrow.errors import DepthgrowError
-from depthgrow.growth import GrowthConfig
+from depthgrow.growth import GrowthConfig, ambiguous_at
 from depthgrow.models import FAMILIES, ModelConfig
 from depthgrow.optim import OptimConfig
 from depthgrow.presets import preset
@@ -46,6 +47,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
     peak_tflops: float | None = None  # the device's peak for MFU (none: known GPUs by name, else no MFU)
     loggers: list[str] = field(default_factory=list)  # beside log.jsonl: "tensorboard", "wandb"
+    # stop when a loss exceeds this many times its best (and the first training loss); none: only NaN/inf stop
+    diverge_factor: float | None = 3.0
 
     def problems(self) -> list[str]:
         found = [
@@ -59,6 +62,8 @@ class TrainConfig:
             found.append(f"train.device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             found.append(f"train.peak_tflops must be > 0, got {self.peak_tflops}")
+        if self.diverge_factor is not None and not (math.isfinite(self.diverge_factor) and self.diverge_factor > 1):
+            found.append(f"train.diverge_factor must be a finite number > 1 (or none), got {self.diverge_factor}")
         unknown = [name for name in self.loggers if name not in LOGGERS]
         if unknown:
             found.append(f"unknown train.loggers {', '.join(unknown)}; choose from: {', '.join(LOGGERS)}")
@@ -83,6 +88,19 @@ RESUME_FREE_KEYS = {
     "train.compile",
     "train.peak_tflops",
     "train.loggers",
+    "train.diverge_factor",
+}
+# keys that a resume may change (recorded in the log as a config change at the resumed step): they change
+# how training goes on from there, never the state it goes on from - the model, its depth and its
+# optimizer state, the data and its order, the schedule's shape and the growth plan stay as they were
+RESUME_CHANGEABLE_KEYS = {
+    "optim.lr",
+    "optim.weight_decay",
+    "optim.beta1",
+    "optim.beta2",
+    "optim.eps",
+    "optim.momentum",
+    "optim.muon_adjust_lr",
 }
 
 
@@ -110,6 +128,9 @@ class RunConfig:
             raise DepthgrowError(
                 f"unknown config section(s) {', '.join(unknown)}; sections are: model, {', '.join(SECTIONS)}"
             )
+        ambiguous = ambiguous_at(_table(raw, "growth").get("at", []))
+        if ambiguous:
+            raise DepthgrowError(ambiguous)
         preset_name, model = _model_from_dict(dict(_table(raw, "model")))
         sections = {
             name: section_class(**_coerce_fields(section_class, _table(raw, name), name))
@@ -212,16 +233,23 @@ def save_config(config: RunConfig, path: str | Path) -> None:
     Path(path).write_text(text)
 
 
-def config_differences(a: dict[str, Any], b: dict[str, Any], *, ignore: set[str] = frozenset()) -> list[str]:
-    """Dotted keys whose values differ between two ``to_dict()`` forms."""
-    differing = []
+def config_changes(
+    a: dict[str, Any], b: dict[str, Any], *, ignore: set[str] = frozenset()
+) -> dict[str, tuple[Any, Any]]:
+    """The dotted keys whose values differ between two ``to_dict()`` forms, with both values."""
+    changes = {}
     for section in sorted(set(a) | set(b)):
         left, right = a.get(section, {}), b.get(section, {})
         for key in sorted(set(left) | set(right)):
             dotted = f"{section}.{key}"
             if dotted not in ignore and left.get(key) != right.get(key):
-                differing.append(f"{dotted} ({left.get(key)!r} vs {right.get(key)!r})")
-    return differing
+                changes[dotted] = (left.get(key), right.get(key))
+    return changes
+
+
+def config_differences(a: dict[str, Any], b: dict[str, Any], *, ignore: set[str] = frozenset()) -> list[str]:
+    """Dotted keys whose values differ between two ``to_dict()`` forms, each with both values."""
+    return [f"{key} ({left!r} vs {right!r})" for key, (left, right) in config_changes(a, b, ignore=ignore).items()]
 
 
 def _model_from_dict(values: dict[str, Any]) -> tuple[str | None, ModelConfig]:

@@ -28,7 +28,7 @@ from depthgrow.errors import DepthgrowError
 from depthgrow.flops import PAPER
 from depthgrow.frontier import Frontier, fit_frontier
 from depthgrow.metrics import LOG_NAME, read_log
-from depthgrow.train import run_or_reuse
+from depthgrow.trainer import run_or_reuse
 
 PlotKind = Literal["curves", "sweep", "pareto", "lr", "regime"]
 

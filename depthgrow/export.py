@@ -29,7 +29,7 @@ from depthgrow.config import RunConfig
 from depthgrow.errors import DepthgrowError
 from depthgrow.models import FAMILIES, GPT2Config, LlamaConfig, ModelConfig, MoEConfig
 from depthgrow.models.llama import DecoderConfig
-from depthgrow.train import SUMMARY_NAME
+from depthgrow.trainer import SUMMARY_NAME
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel

@@ -25,6 +25,7 @@ scaled for the target depth.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
@@ -52,6 +53,10 @@ class GrowthConfig:
     init: Init = "random"  # how new slots are filled, see depthgrow.growth
     copy_optimizer_state: bool = False  # copied blocks also copy their source's optimizer state
 
+    def __post_init__(self) -> None:
+        # a step is kept a whole number, so that a saved config spells it as one (1, not the ambiguous 1.0)
+        self.at = [int(value) if value >= 1 and float(value).is_integer() else value for value in self.at]
+
     def problems(self) -> list[str]:
         if not all(math.isfinite(value) for value in self.at):
             return [f"growth.at must be finite, got {self.at}"]
@@ -61,6 +66,24 @@ class GrowthConfig:
                 "grow a zero-layer model with random or zero"
             ]
         return []
+
+
+def ambiguous_at(raw: Any) -> str | None:
+    """A message if ``growth.at`` as written (a TOML value or the command line's text) holds 1 spelled as
+    a fraction (1.0): values below 1 are fractions of T and whole numbers steps, so it would mean step 1
+    where the user may have meant the whole run."""
+    items = raw.split(",") if isinstance(raw, str) else raw if isinstance(raw, list) else [raw]
+    for item in items:
+        text = item.strip() if isinstance(item, str) else None
+        spelled_as_fraction = isinstance(item, float) or (text is not None and text != "1")
+        with contextlib.suppress(TypeError, ValueError):
+            if spelled_as_fraction and float(item) == 1.0:
+                return (
+                    f"growth.at value {item} is ambiguous: values below 1 are fractions of T and whole numbers "
+                    "are steps; write growth.at=1 for an expansion after the first step, or a fraction below 1 "
+                    "(e.g. growth.at=0.99) for one near the end of the run"
+                )
+    return None
 
 
 OptimizerLike = Optimizer | OptimizerChain | list[Optimizer]

@@ -15,7 +15,7 @@ from depthgrow import DepthgrowError, load_config, train
 from depthgrow.distributed import World, world
 from depthgrow.flops import peak_tflops
 from depthgrow.metrics import read_log
-from depthgrow.train import evaluate
+from depthgrow.trainer import evaluate
 
 # 0 -> 2 blocks at step 5 of 12, Muon-NSGD (Muon on the sharded block matrices under FSDP2)
 RUN = [
@@ -171,7 +171,7 @@ from depthgrow import DepthgrowError
 if os.environ["RANK"] == "0":
     def fail(*args, **kwargs):
         raise DepthgrowError("the tracker failed on rank 0")
-    importlib.import_module("depthgrow.train").Trackers.open = staticmethod(fail)
+    importlib.import_module("depthgrow.trainer").Trackers.open = staticmethod(fail)
 from depthgrow.cli import main
 sys.exit(main())
 """

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from depthgrow import build_model, build_optimizer, grow, load_config, preset, train
 from depthgrow.models import LlamaConfig, MoEConfig
-from depthgrow.train import loss_fn
+from depthgrow.trainer import loss_fn
 
 FAMILIES = ["llama-test", "moe-test"]
 

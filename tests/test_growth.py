@@ -4,7 +4,7 @@ import torch
 from depthgrow import INITS, GPT2Config, OptimConfig, build_model, build_optimizer, grow
 from depthgrow.growth import slot_sources
 from depthgrow.optim import as_optimizer_list, check_coverage
-from depthgrow.train import loss_fn
+from depthgrow.trainer import loss_fn
 
 SMALL = GPT2Config(n_layer=4, n_embd=32, n_head=2, block_size=16, vocab_size=64)
 SEED = 3

@@ -6,7 +6,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from depthgrow import GPT2Config, build_model, preset
-from depthgrow.train import loss_fn
+from depthgrow.trainer import loss_fn
 
 CONFIGS = [
     GPT2Config(n_layer=0, n_embd=32, n_head=2, block_size=16, vocab_size=256),

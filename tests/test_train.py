@@ -108,8 +108,8 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_usable(tmp_pa
 
 def test_resuming_with_another_config_is_refused(tmp_path):
     train(tiny(tmp_path, "run"), stop_at=5)
-    with pytest.raises(DepthgrowError, match="optim.lr"):
-        train(tiny(tmp_path, "run", optim__lr="0.0123"), resume=True)
+    with pytest.raises(DepthgrowError, match=r"train.seed \(0 in the checkpoint, 1 now\)"):
+        train(tiny(tmp_path, "run", train__seed="1"), resume=True)
 
 
 def test_an_existing_run_is_never_overwritten_silently(tmp_path):
@@ -129,12 +129,12 @@ def test_model_vocabulary_smaller_than_the_tokenizer_is_refused(tmp_path):
         train(tiny(tmp_path, "run", model__vocab_size="100"))
 
 
-def test_overwrite_removes_the_old_checkpoint_before_anything_else(tmp_path):
-    from depthgrow.train import _prepare_out_dir
+def test_overwrite_removes_the_old_checkpoint_before_the_first_step(tmp_path):
+    from depthgrow.trainer import _create_out_dir
 
     config = tiny(tmp_path, "run")
     train(config, stop_at=40)
-    _prepare_out_dir(config, resume=False, overwrite=True)
+    _create_out_dir(config, fresh=True)  # what an --overwrite does once data and model have passed
     assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "run" / "summary.json").exists()
     with pytest.raises(DepthgrowError, match="no checkpoint"):
         train(config, resume=True)  # a kill right after --overwrite must not resume the old run

@@ -2,7 +2,11 @@
 
 A run directory holds ``config.toml`` (the resolved config), ``log.jsonl`` (a ``train`` record per
 step, an ``eval`` record per evaluation, including just before and just after each expansion, and a
-``growth`` record per expansion), ``checkpoint.pt`` and, once finished, ``summary.json``.
+``growth`` record per expansion; a ``config_change`` record where a resume changed the learning rate or
+another of ``RESUME_CHANGEABLE_KEYS``, a ``diverged`` record where the divergence guard stopped the run),
+``checkpoint.pt`` and, once finished, ``summary.json``. The folder is written only once data, model and
+checkpoint have passed their checks; a failed write of any of these files stops the run with
+:class:`OutputWriteError`, a diverged loss with :class:`Diverged`, before another checkpoint is written.
 
 Everything random is a pure function of the seed and the step (batches, fresh blocks at growth), the
 learning rate is a pure function of the step, and the checkpoint holds model, optimizer (by parameter
@@ -18,8 +22,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -41,7 +45,15 @@ from depthgrow.checkpoint import (
     save_checkpoint,
     training_state,
 )
-from depthgrow.config import RESUME_FREE_KEYS, RunConfig, config_differences, read_toml, save_config
+from depthgrow.config import (
+    RESUME_CHANGEABLE_KEYS,
+    RESUME_FREE_KEYS,
+    RunConfig,
+    config_changes,
+    config_differences,
+    read_toml,
+    save_config,
+)
 from depthgrow.data import Batches, make_batches
 from depthgrow.distributed import (
     World,
@@ -52,9 +64,10 @@ from depthgrow.distributed import (
     world,
     wrap,
 )
-from depthgrow.errors import DepthgrowError
+from depthgrow.errors import DepthgrowError, Diverged, OutputWriteError
 from depthgrow.flops import DEPTHGROW, peak_tflops
 from depthgrow.growth import grow
+from depthgrow.guard import DivergenceGuard
 from depthgrow.metrics import LOG_NAME, JsonlLog, Progress
 from depthgrow.models import build_model
 from depthgrow.optim import OptimizerChain, build_optimizer
@@ -167,43 +180,57 @@ def _stop_on_signals() -> Iterator[_StopRequest]:
             signal.signal(sig, handler)
 
 
-def _prepare_out_dir(
-    config: RunConfig, *, resume: bool, overwrite: bool, is_main: bool = True
-) -> dict[str, Any] | None:
-    """Check the output folder before any expensive work (only rank 0 writes to it); return the
-    checkpoint to resume from."""
+def _check_out_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> tuple[dict[str, Any] | None, dict]:
+    """Check the output folder before any expensive work, writing nothing; return the checkpoint to resume
+    from and the keys the resume changes (see ``RESUME_CHANGEABLE_KEYS``), each with its old and new value."""
     out_dir = Path(config.train.out_dir)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     if resume:
         checkpoint = load_checkpoint(checkpoint_path)
-        differing = config_differences(config.to_dict(), checkpoint["config"], ignore=RESUME_FREE_KEYS)
-        if differing:
+        changes = config_changes(checkpoint["config"], config.to_dict(), ignore=RESUME_FREE_KEYS)
+        refused = [
+            f"{key} ({old!r} in the checkpoint, {new!r} now)"
+            for key, (old, new) in changes.items()
+            if key not in RESUME_CHANGEABLE_KEYS
+        ]
+        if refused:
+            changeable = ", ".join(sorted(RESUME_CHANGEABLE_KEYS))
             raise DepthgrowError(
-                f"checkpoint {checkpoint_path} belongs to another config; differing: {', '.join(differing)}"
+                f"checkpoint {checkpoint_path} belongs to another config; differing: {', '.join(refused)} "
+                f"(a resume may change only {changeable} and keys that change nothing trained)"
             )
-        return checkpoint
+        return checkpoint, changes
     if checkpoint_path.exists() and not overwrite:
         raise DepthgrowError(
             f"{out_dir} already holds a run; resume it with --resume, or pass --overwrite to start over"
         )
-    if not is_main:
-        return None
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DepthgrowError(f"cannot write the run folder {out_dir}: it is a file")
+    return None, {}
+
+
+def _create_out_dir(config: RunConfig, *, fresh: bool) -> bool:
+    """Write the run's config (a fresh run first clears what a previous run left); return whether the
+    folder was created here, so that a run failing before its first step can take it away again."""
+    out_dir = Path(config.train.out_dir)
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        # a fresh start must not leave the old run's checkpoint behind for a later --resume to pick up
-        for stale in (CHECKPOINT_NAME, CHECKPOINT_NAME + ".tmp", SUMMARY_NAME):
-            (out_dir / stale).unlink(missing_ok=True)
+        if fresh:
+            # a fresh start must not leave the old run's checkpoint behind for a later --resume to pick up
+            for stale in (CHECKPOINT_NAME, CHECKPOINT_NAME + ".tmp", SUMMARY_NAME):
+                (out_dir / stale).unlink(missing_ok=True)
         save_config(config, out_dir / CONFIG_NAME)
     except OSError as error:
         raise DepthgrowError(f"cannot write the run folder {out_dir}: {error.strerror}") from None
-    return None
+    return created
 
 
 def _write_run_file(path: Path, text: str) -> None:
     try:
         path.write_text(text)
     except OSError as error:
-        raise DepthgrowError(f"cannot write {path}: {error.strerror}") from None
+        raise OutputWriteError.of(path, error, needed_bytes=len(text.encode()), note="the run stopped") from None
 
 
 @dataclass
@@ -223,6 +250,9 @@ class _Run:
     log: JsonlLog | None  # rank 0 only
     trackers: Trackers  # TensorBoard, W&B if asked (rank 0 only)
     peak_flops: float | None  # per second, per device, for MFU
+    guard: DivergenceGuard
+    saved_step: int | None  # the step of the checkpoint in out_dir, if any
+    resume_command: str  # how to resume this run, for the messages of an interrupt or a divergence
     compile_pending: bool = False  # the next step compiles: its time is compile time
 
     def autocast(self) -> AbstractContextManager:
@@ -251,11 +281,6 @@ class _Run:
         shared = torch.stack([loss.detach(), torch.tensor(float(stop.requested), device=self.device)])
         loss_sum, stops = self.world.sum(shared).tolist()
         loss_value = loss_sum / self.world.size
-        if not math.isfinite(loss_value):
-            raise DepthgrowError(
-                f"the training loss became {loss_value} at step {self.state.step + 1}; the last checkpoint "
-                "(if any) is left as it was; lower optim.lr or check the data"
-            )
         seconds = time.perf_counter() - started
         if self.compile_pending:
             self.state.compile_time_s += seconds
@@ -270,7 +295,26 @@ class _Run:
         if self.peak_flops is not None:
             record["mfu"] = step_flops / seconds / (self.peak_flops * self.world.size)
         self.write({**record, **self.counters()})
+        self.check(self.guard.train(self.state.step, loss_value), "loss", loss_value)
         return loss_value, stops > 0
+
+    def check(self, problem: str | None, quantity: str, value: float) -> None:
+        """Stop the run if the divergence guard found a problem: before any checkpoint is written after it."""
+        if problem is None:
+            return
+        self.write(dict(event="diverged", step=self.state.step, quantity=quantity, value=value))
+        if self.log is not None:
+            self.log.flush()
+        lr = self.config.optim.lr
+        if self.saved_step is None:
+            advice = f"no checkpoint was written; start again with a lower optim.lr (now {lr:g})"
+        else:
+            advice = (
+                f"the checkpoint of step {self.saved_step} in {self.config.train.out_dir} is whole; resume it with a "
+                f"lower learning rate: {self.resume_command} --optim.lr {lr / 2:g}"
+            )
+        factor = self.config.train.diverge_factor
+        raise Diverged(f"training diverged: {problem} (train.diverge_factor={factor}); stopped, {advice}")
 
     def counters(self) -> dict[str, Any]:
         return {
@@ -295,6 +339,7 @@ class _Run:
         self.write(record)
         if self.log is not None:
             self.log.flush()
+        self.check(self.guard.validation(self.state.step, val_loss), "val_loss", val_loss)
         return val_loss
 
     def expand(self) -> None:
@@ -358,6 +403,7 @@ class _Run:
 
     def save(self) -> None:
         payload = training_state(plain_module(self.model), self.optimizer)  # a collective under FSDP2
+        self.saved_step = self.state.step  # on every rank: whether to save at the end is decided by all
         if not self.world.is_main:
             return
         rng = {"torch": torch.get_rng_state()}
@@ -365,7 +411,11 @@ class _Run:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         self.trackers.flush()
         payload.update(
-            config=self.config.to_dict(), train_state=self.state.state_dict(), rng=rng, log_offset=self.log.flush()
+            config=self.config.to_dict(),
+            train_state=self.state.state_dict(),
+            divergence_guard=self.guard.state_dict(),
+            rng=rng,
+            log_offset=self.log.flush(),
         )
         save_checkpoint(Path(self.config.train.out_dir) / CHECKPOINT_NAME, payload)
 
@@ -413,8 +463,7 @@ def _train(
     label: str,
     resume_hint: str | None,
 ) -> RunResult:
-    checkpoint = _prepare_out_dir(config, resume=resume, overwrite=overwrite, is_main=ranks.is_main)
-    ranks.barrier()  # rank 0 has cleared the folder of a previous run
+    checkpoint, changes = _check_out_dir(config, resume=resume, overwrite=overwrite)
     start_step = checkpoint["train_state"]["step"] if checkpoint else 0
     if stop_at is not None and not start_step < stop_at <= config.train.steps:
         raise DepthgrowError(f"--stop-at must be in ({start_step}, {config.train.steps}], got {stop_at}")
@@ -433,31 +482,48 @@ def _train(
         # a resumed run reads the vocabulary it started with, never a retrained or re-cached one
         bpe_file=run_bpe if checkpoint and run_bpe.is_file() else None,
     )
-    if batches.bpe_json is not None and ranks.is_main and not (checkpoint and run_bpe.is_file()):
-        _write_run_file(run_bpe, batches.bpe_json)
     plan = config.plan()
     torch.manual_seed(config.train.seed)
     state = TrainState(**checkpoint["train_state"]) if checkpoint else TrainState(depth=plan.initial_depth)
     plain = build_model(config.model.with_depth(state.depth), seed=config.train.seed, device=device)
     model = wrap(plain, ranks, compile_model=config.train.compile)
     optimizer = build_optimizer(plain_module(model), config.optim)
+    guard = DivergenceGuard(config.train.diverge_factor)
     if checkpoint:
         restore_training_state(plain_module(model), optimizer, checkpoint)
+        guard.load_state_dict(checkpoint.get("divergence_guard", {}))
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+
+    # the folder is written only now that data, model and checkpoint have passed: a run that fails before
+    # it starts leaves no folder behind (one it created itself) and an --overwrite leaves the old run whole
+    created = False
+    if ranks.is_main and (checkpoint is None or changes):
+        created = _create_out_dir(config, fresh=checkpoint is None)
+    ranks.barrier()  # rank 0 has cleared the folder of a previous run
     log, trackers = None, Trackers()
-    if ranks.is_main:
-        log = JsonlLog(out_dir / LOG_NAME, truncate_to=checkpoint["log_offset"] if checkpoint else None)
-        trackers = Trackers.open(
-            config.train.loggers,
-            out_dir=out_dir,
-            run_name=out_dir.name,
-            config=config.to_dict(),
-            resume=checkpoint is not None,
-            resume_step=state.step if checkpoint else None,
-        )
+    try:
+        if batches.bpe_json is not None and ranks.is_main and not (checkpoint and run_bpe.is_file()):
+            _write_run_file(run_bpe, batches.bpe_json)
+        if ranks.is_main:
+            log = JsonlLog(out_dir / LOG_NAME, truncate_to=checkpoint["log_offset"] if checkpoint else None)
+            trackers = Trackers.open(
+                config.train.loggers,
+                out_dir=out_dir,
+                run_name=out_dir.name,
+                config=config.to_dict(),
+                resume=checkpoint is not None,
+                resume_step=state.step if checkpoint else None,
+            )
+    except DepthgrowError:
+        if log is not None:
+            log.close()
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     peak = peak_tflops(device, config.train.peak_tflops, config.train.precision)
+    launcher = f"torchrun --nproc_per_node {ranks.size} -m " if ranks.initialised else ""
     run = _Run(
         config,
         plan,
@@ -471,6 +537,9 @@ def _train(
         log,
         trackers,
         None if peak is None else peak * 1e12,
+        guard,
+        saved_step=state.step if checkpoint else None,
+        resume_command=resume_hint or f"{launcher}depthgrow train --resume {out_dir}",
         compile_pending=config.train.compile,
     )
     model.train()
@@ -480,7 +549,10 @@ def _train(
     progress = Progress(total=total, initial=state.step, label=label, **({"stream": quiet} if quiet else {}))
     if checkpoint:
         progress.write(f"{label}: resumed at step {state.step} (depth {state.depth}) from {out_dir / CHECKPOINT_NAME}")
-    saved_at = state.step if checkpoint else -1
+    if changes:
+        run.write(dict(event="config_change", step=state.step, changes={k: list(v) for k, v in changes.items()}))
+        changed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
+        progress.write(f"{label}: from step {state.step} on, {changed}")
     stopped = False
     with _stop_on_signals() as stop:
         try:
@@ -493,13 +565,12 @@ def _train(
                     run.evaluate()
                 if state.step % config.train.checkpoint_every == 0 or state.step == total:
                     run.save()
-                    saved_at = state.step
                 rate = state.units / max(state.train_time_s, 1e-9)
                 fields = {"loss": f"{loss:.3f}", f"{batches.unit}/s": f"{rate:.0f}", "depth": str(state.depth)}
                 if run.peak_flops is not None:
                     fields["mfu"] = f"{state.flops / max(state.train_time_s, 1e-9) / (run.peak_flops * ranks.size):.1%}"
                 progress.update(state.step, {**fields, "flops": f"{state.flops:.2e}"})
-            if saved_at != state.step:
+            if run.saved_step != state.step:
                 run.save()
         finally:
             progress.close()
@@ -518,12 +589,13 @@ def _train(
             "growth_steps": list(plan.steps),
         }
         if ranks.is_main:
-            (out_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+            _write_run_file(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
         return RunResult(out_dir, state, state.last_val_loss, True, ranks.is_main)
     if stopped and ranks.is_main:
-        launcher = f"torchrun --nproc_per_node {ranks.size} -m " if ranks.initialised else ""
-        hint = resume_hint or f"{launcher}depthgrow train --resume {out_dir}"
-        print(f"{label}: interrupted at step {state.step}; checkpoint saved. Resume with: {hint}", file=sys.stderr)
+        print(
+            f"{label}: interrupted at step {state.step}; checkpoint saved. Resume with: {run.resume_command}",
+            file=sys.stderr,
+        )
     return RunResult(out_dir, state, None, False, ranks.is_main)
 
 
