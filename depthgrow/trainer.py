@@ -252,8 +252,13 @@ class _Run:
     peak_flops: float | None  # per second, per device, for MFU
     guard: DivergenceGuard
     saved_step: int | None  # the step of the checkpoint in out_dir, if any
-    resume_command: str  # how to resume this run, for the messages of an interrupt or a divergence
+    launcher: str  # "torchrun ... -m " before "depthgrow" under torchrun
+    resume_hint: str | None  # the command that resumes this run when it is not a plain train (compare)
     compile_pending: bool = False  # the next step compiles: its time is compile time
+
+    @property
+    def resume_command(self) -> str:
+        return self.resume_hint or f"{self.launcher}depthgrow train --resume {self.config.train.out_dir}"
 
     def autocast(self) -> AbstractContextManager:
         precision = self.config.train.precision
@@ -309,9 +314,10 @@ class _Run:
         if self.saved_step is None:
             advice = f"no checkpoint was written; start again with a lower optim.lr (now {lr:g})"
         else:
-            advice = (
-                f"the checkpoint of step {self.saved_step} in {self.config.train.out_dir} is whole; resume it with a "
-                f"lower learning rate: {self.resume_command} --optim.lr {lr / 2:g}"
+            advice = f"the checkpoint of step {self.saved_step} in {self.config.train.out_dir} is whole; " + (
+                f"resume it with a lower learning rate: {self.resume_command} --optim.lr {lr / 2:g}"
+                if self.resume_hint is None
+                else f"lower optim.lr (now {lr:g}) and run {self.resume_hint} again"
             )
         factor = self.config.train.diverge_factor
         raise Diverged(f"training diverged: {problem} (train.diverge_factor={factor}); stopped, {advice}")
@@ -523,7 +529,6 @@ def _train(
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
     peak = peak_tflops(device, config.train.peak_tflops, config.train.precision)
-    launcher = f"torchrun --nproc_per_node {ranks.size} -m " if ranks.initialised else ""
     run = _Run(
         config,
         plan,
@@ -539,7 +544,8 @@ def _train(
         None if peak is None else peak * 1e12,
         guard,
         saved_step=state.step if checkpoint else None,
-        resume_command=resume_hint or f"{launcher}depthgrow train --resume {out_dir}",
+        launcher=f"torchrun --nproc_per_node {ranks.size} -m " if ranks.initialised else "",
+        resume_hint=resume_hint,
         compile_pending=config.train.compile,
     )
     model.train()

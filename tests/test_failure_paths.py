@@ -19,11 +19,11 @@ import torch
 from depthgrow import checkpoint as checkpoint_module
 from depthgrow.checkpoint import load_checkpoint
 from depthgrow.cli import main
-from depthgrow.config import read_toml
-from depthgrow.errors import OutputWriteError
+from depthgrow.config import load_config, read_toml
+from depthgrow.errors import Diverged, OutputWriteError
 from depthgrow.guard import DivergenceGuard
 from depthgrow.metrics import JsonlLog, read_log, strict_json
-from depthgrow.trainer import _write_run_file
+from depthgrow.trainer import _write_run_file, train
 
 TINY = [
     "--model", "gpt2-test", "--train.steps=40", "--train.batch_size=4", "--train.eval_every=10",
@@ -261,3 +261,11 @@ def test_a_run_that_fails_before_it_starts_leaves_no_folder(tmp_path, capsys):
     assert main(["train", *TINY, "--data", str(corpus), "--out", str(tmp_path / "run")]) == 2
     assert "fewer than one context" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_diverged_run_of_a_compare_points_back_to_the_compare(tmp_path):
+    overrides = dict(arg[2:].split("=", 1) for arg in TINY[2:])
+    config = load_config(None, {"model.preset": "gpt2-test", **overrides, "train.out_dir": str(tmp_path / "run")})
+    train(config, stop_at=20)
+    with pytest.raises(Diverged, match=r"is whole; lower optim.lr \(now 30\) and run the same compare command again"):
+        train(config.with_overrides({"optim.lr": "30"}), resume=True, resume_hint="the same compare command")
