@@ -38,6 +38,9 @@ _EXPORTS = {
     "ScheduleConfig": "depthgrow.schedule",
     "growth_plan": "depthgrow.schedule",
     "lr_multiplier": "depthgrow.schedule",
+    "LoadedRun": "depthgrow.sampling",
+    "generate": "depthgrow.sampling",
+    "load_run": "depthgrow.sampling",
     "RunResult": "depthgrow.trainer",
     "train": "depthgrow.trainer",
 }

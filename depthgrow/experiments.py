@@ -44,7 +44,9 @@ class Variant:
 @dataclass(frozen=True)
 class Experiment:
     name: str
-    question: str  # the paper's claim under test
+    # what it measures, as a question, with the paper's answer where it gives one ("the paper: ..."): a claim,
+    # which the runs of docs/results.md did not always confirm
+    question: str
     plot: PlotKind
     variants: Callable[[bool, RunConfig], list[Variant]]  # (full grid or not, base config) -> variants
     base: Callable[[bool], dict[str, str]] = lambda full: {}  # settings under the user's overrides
@@ -184,56 +186,62 @@ EXPERIMENTS: dict[str, Experiment] = {
     for e in (
         Experiment(
             "init",
-            "new-layer init from one layer: copy >= random >> zero, copy_zero; and the copy orders from two",
+            "how do the new-layer inits compare from one layer (the paper: copy >= random >> zero, copy_zero), and "
+            "the copy orders from two?",
             "curves",
             _init_variants,
         ),
         Experiment(
             "timing",
-            "under WSD an expansion at 0.8 T still mixes; under cosine one after ~0.5 T does not",
+            "how late can an expansion come and still mix, under WSD and under cosine (the paper: at 0.8 T under "
+            "WSD, not after ~0.5 T under cosine)?",
             "sweep",
             _timing_variants,
         ),
-        Experiment("stages", "one expansion 0 -> L beats two, 0 -> 2 -> L", "curves", _stage_variants),
+        Experiment(
+            "stages", "does one expansion 0 -> L beat two, 0 -> 2 -> L (the paper: it does)?", "curves", _stage_variants
+        ),
         Experiment(
             "sources",
-            "zero- and one-layer sources are on the loss-versus-compute Pareto front; deeper ones are not",
+            "which source depths are on the loss-versus-compute Pareto front (the paper: zero and one layer, not "
+            "deeper ones)?",
             "pareto",
             _source_variants,
             base=lambda full: {"model.n_layer": "8"},
         ),
         Experiment(
             "optimizer",
-            "AdamW against Muon-NSGD (Muon on every matrix, and on the blocks' only), fixed and progressive",
+            "how do AdamW and Muon-NSGD (Muon on every matrix, or on the blocks' only) compare, fixed and progressive?",
             "curves",
             _optimizer_variants,
         ),
         Experiment(
             "recipe",
-            "Muon's step scale (torch's adjust_lr_fn) and the weight init (standard or muP-style spectral), "
-            "each at two learning rates (three with --full): the zero-layer run and its fixed-depth baseline",
+            "which of Muon's step scales (torch's adjust_lr_fn) and weight inits (standard or muP-style spectral) "
+            "trains best, each at two learning rates (three with --full), for the zero-layer run and its "
+            "fixed-depth baseline?",
             "lr",
             _recipe_variants,
             frontier=False,  # a choice between recipes, made on their losses
         ),
         Experiment(
             "regime",
-            "the zero-layer phase is worth more than its FLOPs where the embedding is a large share of the "
-            "model (subword vocabularies) and with the paper's optimizer (Muon on every matrix)",
+            "is the zero-layer phase worth more than its FLOPs where the embedding is a large share of the model "
+            "(subword vocabularies), and with the paper's optimizer (Muon on every matrix)?",
             "regime",
             _regime_variants,
             x_label="vocabulary size",
         ),
         Experiment(
             "horizon",
-            "the gap closes as more steps follow the expansion (longer runs at the same tau)",
+            "does the gap close as more steps follow the expansion (longer runs at the same tau)?",
             "sweep",
             _horizon_variants,
             x_label="total steps T (the expansion at 0.8 T)",
         ),
         Experiment(
             "lr",
-            "the peak learning rate, swept for the fixed-depth baseline and the progressive runs alike",
+            "which peak learning rate is best, for the fixed-depth baseline and the progressive runs alike?",
             "lr",
             _lr_variants,
             frontier=False,  # a tuning sweep, read on final losses; each lr's own frontier would triple its cost

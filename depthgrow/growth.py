@@ -30,13 +30,14 @@ import copy
 import inspect
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from depthgrow.docfield import doc_field
 from depthgrow.optim import OptimizerChain, as_optimizer_list, build_optimizer, check_coverage
 
 Init = Literal["random", "copy", "copy_inter", "copy_last", "zero", "copy_zero"]
@@ -47,11 +48,18 @@ ZEROED_INITS = ("zero", "copy_zero")
 
 @dataclass(kw_only=True)
 class GrowthConfig:
-    source_depth: int | None = None  # depth before growth; none: a fixed-depth run at model.n_layer
-    at: list[float] = field(default_factory=lambda: [0.8])  # expansion times: fractions of T, or steps
-    via: list[int] = field(default_factory=list)  # intermediate depths of a multi-stage run (ablation)
-    init: Init = "random"  # how new slots are filled, see depthgrow.growth
-    copy_optimizer_state: bool = False  # copied blocks also copy their source's optimizer state
+    source_depth: int | None = doc_field(None, "depth before growth; none: a fixed-depth run at model.n_layer")
+    at: list[float] = doc_field(
+        [0.8],
+        "expansion times, one per expansion: fractions of T below 1, whole steps from 1 (1.0 is refused as ambiguous)",
+    )
+    via: list[int] = doc_field([], "intermediate depths of a multi-stage run (ablation), e.g. 2 for 0 -> 2 -> L")
+    init: Init = doc_field(
+        "random",
+        "how new slots are filled: random or zero (fresh blocks; zero: their residual outputs zeroed), copy, "
+        "copy_zero, copy_inter or copy_last (from the trained blocks); see depthgrow.growth",
+    )
+    copy_optimizer_state: bool = doc_field(False, "copied blocks also copy their source's optimizer state")
 
     def __post_init__(self) -> None:
         # a step is kept a whole number, so that a saved config spells it as one (1, not the ambiguous 1.0)

@@ -87,8 +87,16 @@ def strict_json(record: dict[str, Any]) -> str:
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
+    records = []
     with Path(path).open() as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError as error:
+                raise DepthgrowError(f"{path} line {number} is not a JSON record: {error}") from None
+    return records
 
 
 class Progress:

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from depthgrow.docfield import doc_field
+
 OptimizerName = Literal["adamw", "muon-nsgd"]
 MuonScope = Literal["all", "blocks"]
 MuonAdjustLr = Literal["original", "match_rms_adamw"]
@@ -38,21 +40,38 @@ OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
 }
 
 
+def _default_text(setting: str) -> str:
+    return ", ".join(f"{name} {defaults[setting]:g}" for name, defaults in OPTIMIZER_DEFAULTS.items())
+
+
 @dataclass(kw_only=True)
 class OptimConfig:
-    name: OptimizerName = "muon-nsgd"
-    lr: float | None = None  # peak learning rate, shared by every group; none: the optimizer's default
-    weight_decay: float | None = None  # decoupled, on tensors of 2+ dims only; none: the optimizer's default
-    beta1: float = 0.9  # AdamW
-    beta2: float = 0.95  # AdamW
-    eps: float = 1e-8  # AdamW
-    momentum: float = 0.95  # Muon and normalised SGD (Nesterov)
-    # Muon-NSGD: which matrices Muon trains: "all" (the paper's: every weight matrix, embeddings and head
-    # included) or "blocks" (only those inside the block stacks; embeddings and head on normalised SGD)
-    muon_scope: MuonScope = "all"
-    # Muon's per-matrix step scale (torch.optim.Muon's adjust_lr_fn): "original" sqrt(max(1, rows/cols)),
-    # "match_rms_adamw" 0.2·sqrt(max(rows, cols))
-    muon_adjust_lr: MuonAdjustLr = "original"
+    name: OptimizerName = doc_field(
+        "muon-nsgd",
+        "muon-nsgd (the paper's: Muon on weight matrices, normalised SGD on the rest) or adamw; another optimizer "
+        "brings its own lr and weight_decay unless they are given too",
+    )
+    lr: float | None = doc_field(
+        None, f"peak learning rate, shared by every group; none: the optimizer's default ({_default_text('lr')})"
+    )
+    weight_decay: float | None = doc_field(
+        None,
+        f"decoupled, on tensors of 2+ dims only; none: the optimizer's default ({_default_text('weight_decay')})",
+    )
+    beta1: float = doc_field(0.9, "AdamW's first-moment decay")
+    beta2: float = doc_field(0.95, "AdamW's second-moment decay")
+    eps: float = doc_field(1e-8, "AdamW's denominator epsilon")
+    momentum: float = doc_field(0.95, "the Nesterov momentum of Muon and normalised SGD")
+    muon_scope: MuonScope = doc_field(
+        "all",
+        "Muon-NSGD: which matrices Muon trains: all (the paper's: every weight matrix, embeddings and head "
+        "included) or blocks (only those inside the block stacks; embeddings and head on normalised SGD)",
+    )
+    muon_adjust_lr: MuonAdjustLr = doc_field(
+        "original",
+        "Muon's per-matrix step scale (torch.optim.Muon's adjust_lr_fn): original sqrt(max(1, rows/cols)), "
+        "match_rms_adamw 0.2·sqrt(max(rows, cols))",
+    )
 
     def resolved(self) -> OptimConfig:
         """This config with the optimizer's defaults filled in where it leaves lr or weight decay unset."""

@@ -30,7 +30,8 @@ def plot_compare(
         colour = "grey" if shorter else next(colours)
         style = {"color": colour, "linewidth": 0.8 if shorter else 1.5, "label": None if shorter else name}
         evals = [r for r in records if r["event"] == "eval"]
-        by_flops.plot([r["flops"] for r in evals], [r["val_loss"] for r in evals], **style)
+        spent = [r for r in evals if r["flops"] > 0]  # the step-0 evaluation has no place on a log axis
+        by_flops.plot([r["flops"] for r in spent], [r["val_loss"] for r in spent], **style)
         by_step.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], **style)
         if frontier is not None and evals:
             marker = "s" if shorter or name == "fixed" else "*"

@@ -12,6 +12,7 @@ at a time: memory holds at most one shard per split.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from depthgrow.data import (
+    PREPARED_NAME,
     SHARD_PATTERNS,
     SHARD_TOKEN_DTYPE,
     VOCAB_SIZES,
@@ -58,7 +60,7 @@ class PrepareSummary:
         )
         return [
             f"prepared {self.documents:,} documents ({self.tokenizer} tokens): {counts}, in {self.out_dir}",
-            f"train on them with: depthgrow train --data {self.out_dir} --data.tokenizer {self.tokenizer}",
+            f"train on them with: depthgrow train --data {self.out_dir} (it records its tokenizer)",
         ]
 
 
@@ -138,6 +140,9 @@ def prepare(
         writer.close()
         summary.tokens[split], summary.shards[split] = writer.tokens, writer.files
     _check_splits(summary, val_fraction)
+    # the shards' own record of their tokenizer: --data on this folder picks it up (and refuses another)
+    record = {"tokenizer": tokenizer, "vocab_size": vocab_size, "documents": summary.documents, **summary.tokens}
+    (out / PREPARED_NAME).write_text(json.dumps(record, indent=2) + "\n")
     return summary
 
 
@@ -163,6 +168,7 @@ def _make_out_dir(out: Path, overwrite: bool) -> None:
         for pattern in SHARD_PATTERNS.values():
             for file in out.glob(pattern):
                 file.unlink()
+        (out / PREPARED_NAME).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
 

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from depthgrow.docfield import doc_field
 from depthgrow.errors import DepthgrowError
 
 ScheduleName = Literal["wsd", "cosine", "constant"]
@@ -19,11 +20,17 @@ DecayShape = Literal["linear", "cosine", "sqrt"]
 
 @dataclass(kw_only=True)
 class ScheduleConfig:
-    name: ScheduleName = "wsd"
-    warmup: float = 0.02  # fraction of T spent warming up linearly from ~0 to the peak
-    decay: float = 0.1  # wsd: fraction of T, at the end, spent decaying to final_lr_frac
-    decay_shape: DecayShape = "linear"  # wsd: how the decay falls
-    final_lr_frac: float = 0.0  # the multiplier reached at step T
+    name: ScheduleName = doc_field(
+        "wsd",
+        "after the warmup: wsd (warmup-stable-decay: the peak, then the decay at the end), cosine (half a cosine "
+        "to final_lr_frac at T) or constant (the peak)",
+    )
+    warmup: float = doc_field(0.02, "fraction of T spent warming up linearly from ~0 to the peak")
+    decay: float = doc_field(0.1, "wsd: fraction of T, at the end, spent decaying to final_lr_frac")
+    decay_shape: DecayShape = doc_field(
+        "linear", "wsd: how the decay falls: linear, cosine (half a cosine) or sqrt (1 - sqrt of its progress)"
+    )
+    final_lr_frac: float = doc_field(0.0, "the multiplier of the peak learning rate reached at step T")
 
     def problems(self) -> list[str]:
         found = []
@@ -131,3 +138,43 @@ def growth_plan(
     if any(a >= b for a, b in zip(steps, steps[1:], strict=False)):
         raise DepthgrowError(f"growth.at must give increasing steps, got steps {steps}")
     return GrowthPlan(depths=depths, steps=tuple(steps))
+
+
+def extension_problem(
+    schedule: ScheduleConfig,
+    old_plan: GrowthPlan,
+    new_plan: GrowthPlan,
+    *,
+    step: int,
+    depth: int,
+    old_total: int,
+    new_total: int,
+) -> str | None:
+    """Why a run at ``step`` (and ``depth``) cannot honestly go on as a run of ``new_total`` steps, or None.
+
+    Extending means that from ``step`` on the learning rate and the growth plan are those of the longer
+    run. That is honest while the learning rate had not begun to fall (a WSD run before its decay, a
+    constant one anywhere; a cosine one only within its warm-up): otherwise the longer schedule would
+    lift the learning rate back towards its peak. Expansions already made must stay where they were.
+    """
+    if new_total < old_total:
+        return f"a run can be extended, not shortened (train.steps {old_total} -> {new_total})"
+    previous = lr_multiplier(step - 1, old_total, schedule) if step > 0 else 0.0
+    warmup_steps = round(schedule.warmup * old_total)
+    if step > warmup_steps and previous < 1.0:
+        return (
+            f"its {schedule.name} learning rate had begun to fall (to {previous:.3g} of its peak at step {step}); "
+            f"the longer schedule would lift it to {lr_multiplier(step, new_total, schedule):.3g}. Extend a run "
+            f"before its decay (stop it there with --stop-at), or start a new one"
+        )
+    done = old_plan.depths.index(depth)  # expansions made so far
+    if old_plan.steps[:done] != new_plan.steps[:done]:
+        kept = [*old_plan.steps[:done], *new_plan.steps[done:]]
+        return (
+            f"the expansions made at step {', '.join(map(str, old_plan.steps[:done]))} would move to step "
+            f"{', '.join(map(str, new_plan.steps[:done]))} with T = {new_total}; keep them where they were with "
+            f"--growth.at {','.join(map(str, kept))}"
+        )
+    if done < len(new_plan.steps) and new_plan.steps[done] < step:
+        return f"the next expansion would fall at step {new_plan.steps[done]}, before the run's step {step}"
+    return None

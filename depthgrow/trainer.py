@@ -71,7 +71,7 @@ from depthgrow.guard import DivergenceGuard
 from depthgrow.metrics import LOG_NAME, JsonlLog, Progress
 from depthgrow.models import build_model
 from depthgrow.optim import OptimizerChain, build_optimizer
-from depthgrow.schedule import GrowthPlan, lr_multiplier
+from depthgrow.schedule import GrowthPlan, extension_problem, lr_multiplier
 from depthgrow.trackers import Trackers
 
 if TYPE_CHECKING:
@@ -116,6 +116,11 @@ def resolve_device(name: str) -> torch.device:
         if index >= count:
             raise DepthgrowError(f"train.device={name} but this machine has {count} CUDA device(s); use cpu or auto")
     return torch.device(name)
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether train.precision means bf16 autocast on this device (auto: on CUDA only)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -188,17 +193,21 @@ def _check_out_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> tuple
     if resume:
         checkpoint = load_checkpoint(checkpoint_path)
         changes = config_changes(checkpoint["config"], config.to_dict(), ignore=RESUME_FREE_KEYS)
+        # a longer train.steps extends the run; growth.at may then change to keep the expansions made
+        extending = {"train.steps", "growth.at"} if "train.steps" in changes else set()
         refused = [
             f"{key} ({old!r} in the checkpoint, {new!r} now)"
             for key, (old, new) in changes.items()
-            if key not in RESUME_CHANGEABLE_KEYS
+            if key not in RESUME_CHANGEABLE_KEYS | extending
         ]
         if refused:
             changeable = ", ".join(sorted(RESUME_CHANGEABLE_KEYS))
             raise DepthgrowError(
                 f"checkpoint {checkpoint_path} belongs to another config; differing: {', '.join(refused)} "
-                f"(a resume may change only {changeable} and keys that change nothing trained)"
+                f"(a resume may change only {changeable}, a longer train.steps, and keys that change nothing trained)"
             )
+        if extending:
+            _check_extension(checkpoint, config)
         return checkpoint, changes
     if checkpoint_path.exists() and not overwrite:
         raise DepthgrowError(
@@ -207,6 +216,25 @@ def _check_out_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> tuple
     if out_dir.exists() and not out_dir.is_dir():
         raise DepthgrowError(f"cannot write the run folder {out_dir}: it is a file")
     return None, {}
+
+
+def _check_extension(checkpoint: dict[str, Any], config: RunConfig) -> None:
+    before = RunConfig.from_dict(checkpoint["config"])
+    state = checkpoint["train_state"]
+    problem = extension_problem(
+        config.schedule,
+        before.plan(),
+        config.plan(),
+        step=state["step"],
+        depth=state["depth"],
+        old_total=before.train.steps,
+        new_total=config.train.steps,
+    )
+    if problem is not None:
+        raise DepthgrowError(
+            f"cannot extend the run in {config.train.out_dir} from {before.train.steps} to {config.train.steps} "
+            f"steps at step {state['step']}: {problem}"
+        )
 
 
 def _create_out_dir(config: RunConfig, *, fresh: bool) -> bool:
@@ -220,6 +248,8 @@ def _create_out_dir(config: RunConfig, *, fresh: bool) -> bool:
             # a fresh start must not leave the old run's checkpoint behind for a later --resume to pick up
             for stale in (CHECKPOINT_NAME, CHECKPOINT_NAME + ".tmp", SUMMARY_NAME):
                 (out_dir / stale).unlink(missing_ok=True)
+        else:  # a resume that changes the config (an extension): the summary is written again at the end
+            (out_dir / SUMMARY_NAME).unlink(missing_ok=True)
         save_config(config, out_dir / CONFIG_NAME)
     except OSError as error:
         raise DepthgrowError(f"cannot write the run folder {out_dir}: {error.strerror}") from None
@@ -261,8 +291,7 @@ class _Run:
         return self.resume_hint or f"{self.launcher}depthgrow train --resume {self.config.train.out_dir}"
 
     def autocast(self) -> AbstractContextManager:
-        precision = self.config.train.precision
-        bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        bf16 = uses_bf16(self.config.train.precision, self.device)
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -348,7 +377,8 @@ class _Run:
         self.check(self.guard.validation(self.state.step, val_loss), "val_loss", val_loss)
         return val_loss
 
-    def expand(self) -> None:
+    def expand(self) -> tuple[float, float]:
+        """Grow to the planned depth; the validation loss just before and just after."""
         before = self.evaluate("pre_growth")
         started = time.perf_counter()
         source_depth, target_depth = self.state.depth, self.plan.depth_at(self.state.step)
@@ -379,6 +409,7 @@ class _Run:
                 val_loss_after=after,
             )
         )
+        return before, after
 
     def _plain_for_growth(self) -> tuple[nn.Module, OptimizerChain]:
         """The unwrapped model and an optimizer over it: DDP's and compile's are inside the wrappers; an
@@ -420,6 +451,7 @@ class _Run:
             config=self.config.to_dict(),
             train_state=self.state.state_dict(),
             divergence_guard=self.guard.state_dict(),
+            tokenizer=getattr(self.batches.data, "tokenizer", None),  # what generate and export decode with
             rng=rng,
             log_offset=self.log.flush(),
         )
@@ -555,6 +587,9 @@ def _train(
     progress = Progress(total=total, initial=state.step, label=label, **({"stream": quiet} if quiet else {}))
     if checkpoint:
         progress.write(f"{label}: resumed at step {state.step} (depth {state.depth}) from {out_dir / CHECKPOINT_NAME}")
+    else:
+        for line in _header(config, plan, batches, device, ranks, label):
+            progress.write(line)
     if changes:
         run.write(dict(event="config_change", step=state.step, changes={k: list(v) for k, v in changes.items()}))
         changed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
@@ -562,17 +597,26 @@ def _train(
     stopped = False
     with _stop_on_signals() as stop:
         try:
+            if checkpoint is None:  # the curve starts where training does
+                progress.write(f"{label} step 0/{total}: val_loss {run.evaluate():.4f}")
             while state.step < total and not stopped and (stop_at is None or state.step < stop_at):
                 if plan.depth_at(state.step) > state.depth:
-                    run.expand()
-                    progress.write(f"{label}: grew to depth {state.depth} at step {state.step}")
+                    before, after = run.expand()
+                    progress.write(
+                        f"{label}: grew to depth {state.depth} at step {state.step} "
+                        f"(val_loss {before:.4f} before, {after:.4f} after)"
+                    )
                 loss, stopped = run.train_step(stop)
-                if state.step % config.train.eval_every == 0 or state.step == total:
-                    run.evaluate()
+                # at an expansion step the pre-growth evaluation is the step's one
+                expanding_next = plan.depth_at(state.step) > state.depth
+                if (state.step % config.train.eval_every == 0 or state.step == total) and not expanding_next:
+                    progress.write(f"{label} step {state.step}/{total}: val_loss {run.evaluate():.4f}")
                 if state.step % config.train.checkpoint_every == 0 or state.step == total:
                     run.save()
                 rate = state.units / max(state.train_time_s, 1e-9)
                 fields = {"loss": f"{loss:.3f}", f"{batches.unit}/s": f"{rate:.0f}", "depth": str(state.depth)}
+                if state.last_val_loss is not None:
+                    fields["val_loss"] = f"{state.last_val_loss:.3f}"
                 if run.peak_flops is not None:
                     fields["mfu"] = f"{state.flops / max(state.train_time_s, 1e-9) / (run.peak_flops * ranks.size):.1%}"
                 progress.update(state.step, {**fields, "flops": f"{state.flops:.2e}"})
@@ -587,10 +631,11 @@ def _train(
                 quiet.close()
 
     if state.step == total:
+        counters = {key: value for key, value in state.state_dict().items() if key not in ("units", "last_val_loss")}
         summary = {
             "final_val_loss": state.last_val_loss,
             f"{batches.unit}s": state.units,
-            **state.state_dict(),
+            **counters,
             "depths": list(plan.depths),
             "growth_steps": list(plan.steps),
         }
@@ -603,6 +648,35 @@ def _train(
             file=sys.stderr,
         )
     return RunResult(out_dir, state, None, False, ranks.is_main)
+
+
+def _header(
+    config: RunConfig, plan: GrowthPlan, batches: Batches | ImageBatches, device: torch.device, ranks: World, label: str
+) -> list[str]:
+    """What a fresh run is about to do, as the lines printed before its first step."""
+    name = f"{config.model_preset} ({config.model.family})" if config.model_preset else config.model.family
+    counts = {d: config.model.with_depth(d).num_params() for d in plan.depths}
+    params = ", ".join(f"{f'{n / 1e6:,.2f}M' if n >= 1e6 else f'{n:,}'} at depth {d}" for d, n in counts.items())
+    if plan.steps:
+        chain = " -> ".join(map(str, plan.depths))
+        growth = f"grows {chain} layers at step {', '.join(map(str, plan.steps))} (init {config.growth.init})"
+    else:
+        growth = f"fixed depth {plan.target_depth}"
+    train = config.train
+    where = f"{device.type}, {'bf16 autocast' if uses_bf16(train.precision, device) else 'fp32'}"
+    if ranks.initialised:
+        where += f", {ranks.size} processes ({train.parallel})"
+    per_step = f"{batches.units_per_step:,} {batches.unit}s"
+    if batches.unit == "token":
+        per_step += f" ({train.batch_size} x {config.model.block_size})"
+    optim = config.optim
+    return [
+        f"{label}: {name}, {growth}; parameters {params}",
+        f"{label}: data {batches.describe()}",
+        f"{label}: T = {train.steps} steps of {per_step}; {optim.name} lr {optim.lr:g}, {config.schedule.name} "
+        f"schedule; {where}; seed {train.seed}",
+        f"{label}: outputs in {train.out_dir}",
+    ]
 
 
 def run_or_reuse(

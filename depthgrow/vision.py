@@ -183,6 +183,13 @@ class ImageBatches:
         self.augment = augment
         self._n_val = min(eval_batches * batch_size, len(data.val_x))
 
+    def describe(self) -> str:
+        data = self.data
+        return (
+            f"{data.source}, {data.num_classes} classes of {data.channels}-channel {data.size}x{data.size} images, "
+            f"{len(data.train_x):,} training and {len(data.val_x):,} validation images"
+        )
+
     def train_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``batch_size`` distinct training images; with ``augment``, each randomly shifted by up to
         ``CROP_PADDING`` pixels (a crop of the zero-padded image: 0 is the channel mean after normalising)

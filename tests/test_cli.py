@@ -1,5 +1,7 @@
+import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,7 +12,11 @@ import pytest
 from depthgrow.checkpoint import load_checkpoint
 from depthgrow.cli import COMMANDS, build_parser, main
 from depthgrow.compare import frontier_text
+from depthgrow.config import PRESET_RULE, SECTIONS
+from depthgrow.experiments import DEFAULT_GRID, EXPERIMENTS
 from depthgrow.frontier import fit_frontier
+from depthgrow.models import FAMILIES
+from depthgrow.presets import PRESETS
 
 TINY = [
     "--model", "gpt2-test", "--train.steps=40", "--train.batch_size=4", "--train.eval_every=10",
@@ -251,3 +257,87 @@ def test_compare_without_matplotlib_still_writes_the_table(tmp_path, capsys, mon
     assert main(["compare", *TINY, "--growth.at=0.5", "--sources", "0", "--out", str(out)]) == 0
     assert "pip install 'depthgrow[plot]'" in capsys.readouterr().out
     assert (out / "summary.json").exists() and not (out / "compare.png").exists()
+
+
+CONFIG_COMMANDS = {"train": [], "compare": [], "flops": [], "experiment": ["init"]}
+
+
+def command_help(capsys, monkeypatch, command: str) -> str:
+    monkeypatch.setenv("COLUMNS", "100")  # argparse's own layout: the width the config keys are laid out for
+    with pytest.raises(SystemExit) as stopped:
+        main([command, *CONFIG_COMMANDS[command], "--help"])
+    assert stopped.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", CONFIG_COMMANDS)
+def test_the_help_of_a_config_command_names_every_key_of_every_section(capsys, monkeypatch, command):
+    text = command_help(capsys, monkeypatch, command)
+    classes = {name: [cls] for name, cls in SECTIONS.items()}
+    classes["model"] = [config_class for config_class, _ in FAMILIES.values()]
+    for section, section_classes in classes.items():
+        for section_class in section_classes:
+            for f in dataclasses.fields(section_class):
+                assert re.search(rf"^  {section}\.{f.name} ", text, re.M), f"{command} --help lacks {section}.{f.name}"
+    assert re.search(r"^  model\.preset +gpt2-micro-bpe ", text, re.M)
+    assert max(map(len, text.splitlines())) <= 100
+
+
+def test_the_help_shows_each_command_s_own_defaults_and_docs(capsys, monkeypatch):
+    train = command_help(capsys, monkeypatch, "train")
+    assert re.search(r"^  optim\.lr +0\.01 +peak learning rate", train, re.M)  # the optimizer's, resolved
+    assert re.search(r"^  train\.out_dir +runs/train ", train, re.M)
+    assert re.search(r"^  model\.n_kv_head +\(llama, moe\) +grouped-query attention", train, re.M)
+    assert re.search(r"^  train\.out_dir +runs/compare ", command_help(capsys, monkeypatch, "compare"), re.M)
+    experiment = command_help(capsys, monkeypatch, "experiment")
+    assert re.search(rf"^  train\.steps +{DEFAULT_GRID['train.steps']} ", experiment, re.M)
+    assert re.search(r"^  train\.out_dir +- +not taken: every run gets its own folder under --out", experiment, re.M)
+
+
+def test_the_help_states_the_override_rules_where_they_apply(capsys, monkeypatch):
+    subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command in CONFIG_COMMANDS:
+        model_option = next(a for a in subcommands[command]._actions if "--model" in a.option_strings)
+        assert model_option.help.endswith(f"{', '.join(PRESETS)}; {PRESET_RULE}")
+    text = " ".join(command_help(capsys, monkeypatch, "train").split())
+    assert "optim.name muon-nsgd muon-nsgd (the paper's" in text
+    # test_config checks that the config does what these say
+    assert "another optimizer brings its own lr and weight_decay unless they are given too" in text
+
+
+def test_experiment_help_asks_the_paper_s_questions_instead_of_stating_its_claims(capsys, monkeypatch):
+    text = " ".join(command_help(capsys, monkeypatch, "experiment").split())
+    for experiment in EXPERIMENTS.values():
+        assert experiment.question.endswith("?") and f"{experiment.name} {experiment.question}" in text
+    assert "docs/results.md" in text
+    for claim in ("one expansion 0 -> L beats two", "the gap closes as more", "under WSD an expansion at 0.8 T still"):
+        assert claim not in text
+
+
+REFUSED = {
+    "flops --data": (["flops", "--data", "corpus.txt"], "unrecognized arguments: --data (see depthgrow flops --help)"),
+    "flops --out": (["flops", "--out", "runs/x"], "unrecognized arguments: --out (see depthgrow flops --help)"),
+    "compare source depth": (
+        ["compare", "--growth.source_depth=0"],
+        "compare does not take --growth.source_depth: it is set for each run from --sources",
+    ),
+    "experiment out_dir": (
+        ["experiment", "init", "--train.out_dir", "runs/x"],
+        "experiment does not take --train.out_dir: every run gets its own folder under --out",
+    ),
+    "experiment growth": (
+        ["experiment", "timing", "--growth.at=0.5"],
+        "experiment does not take --growth.at: every variant of an experiment sets it",
+    ),
+    "export config key": (["export", "run", "out", "--train.steps=3"], "export takes no config options"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=list(REFUSED))
+def test_an_option_a_command_would_ignore_is_refused_in_one_line(tmp_path, capsys, monkeypatch, case):
+    monkeypatch.chdir(tmp_path)  # nothing may be trained or written
+    args, message = REFUSED[case]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"depthgrow: error: {message}") and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []

@@ -2,11 +2,24 @@
 
 import dataclasses
 from pathlib import Path
+from typing import Literal, get_args, get_origin, get_type_hints
 
 import pytest
 
-from depthgrow.config import DEFAULT_PRESET, RunConfig, TrainConfig, config_differences, load_config, save_config
+from depthgrow.config import (
+    DEFAULT_PRESET,
+    SECTIONS,
+    RunConfig,
+    TrainConfig,
+    config_differences,
+    config_keys,
+    load_config,
+    save_config,
+)
+from depthgrow.docfield import doc_field, field_doc
 from depthgrow.errors import DepthgrowError
+from depthgrow.growth import GrowthConfig
+from depthgrow.models import FAMILIES, ModelConfig, MoEConfig, ResNetConfig
 from depthgrow.optim import OPTIMIZER_DEFAULTS
 from depthgrow.presets import PRESETS
 
@@ -353,3 +366,72 @@ def test_config_differences_key_missing_on_one_side():
     other = RunConfig().to_dict()
     del other["model"]["preset"]
     assert [d.split(" ")[0] for d in config_differences(base, other)] == ["model.preset"]
+
+
+# ------------------------------------------------------------------------------------------- field docs
+
+SECTION_CLASSES = [*SECTIONS.values(), *(config_class for config_class, _ in FAMILIES.values())]
+
+
+@pytest.mark.parametrize("section_class", SECTION_CLASSES, ids=lambda c: c.__name__)
+def test_every_config_field_has_a_doc_that_names_its_choices(section_class):
+    hints = get_type_hints(section_class)
+    for f in dataclasses.fields(section_class):
+        doc = field_doc(section_class, f.name)
+        assert doc and "\n" not in doc, f"{section_class.__name__}.{f.name} has no one-line doc"
+        if get_origin(hints[f.name]) is Literal:
+            missing = [choice for choice in get_args(hints[f.name]) if choice not in doc]
+            assert not missing, f"the doc of {section_class.__name__}.{f.name} leaves out {missing}"
+
+
+def test_a_redeclared_field_keeps_the_doc_of_the_class_that_documents_it():
+    # the families redeclare n_layer only to give it their default
+    assert field_doc(MoEConfig, "n_layer") == field_doc(ModelConfig, "n_layer") != ""
+    assert field_doc(ResNetConfig, "n_layer") != field_doc(ModelConfig, "n_layer")  # its own: blocks per stage
+
+
+def test_documented_fields_behave_as_plain_dataclass_fields():
+    first, second = GrowthConfig(), GrowthConfig()
+    first.at.append(0.9)
+    assert second.at == [0.8] and TrainConfig().loggers == []  # a list default is not shared
+    assert dataclasses.asdict(dataclasses.replace(second, via=[2]))["via"] == [2]
+    model = PRESETS["gpt2-test"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        model.n_layer = 3
+    assert dataclasses.replace(model, n_layer=3).n_layer == 3
+
+    @dataclasses.dataclass(kw_only=True)
+    class Required:
+        depth: int = doc_field(doc="a field without a default")
+
+    with pytest.raises(TypeError, match="depth"):
+        Required()
+    assert Required(depth=2).depth == 2 and field_doc(Required, "depth") == "a field without a default"
+
+
+def test_config_keys_cover_every_field_of_every_section_and_family_once():
+    keys = config_keys(load_config())
+    names = [key.key for key in keys]
+    assert len(names) == len(set(names))
+    expected = {"model.preset", "model.family"}
+    expected |= {f"model.{f.name}" for config_class, _ in FAMILIES.values() for f in dataclasses.fields(config_class)}
+    expected |= {f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    assert set(names) == expected
+    shown = {key.key: key for key in keys}
+    assert shown["optim.lr"].default == str(OPTIMIZER_DEFAULTS["muon-nsgd"]["lr"])  # the resolved default
+    assert (shown["growth.at"].default, shown["data.path"].default, shown["train.compile"].default) == (
+        "[0.8]",
+        "none",
+        "false",
+    )
+    assert shown["model.n_kv_head"].families == ("llama", "moe") and shown["model.n_embd"].families == ()
+    llama = {key.key: key for key in config_keys(load_config(None, {"model.preset": "llama-micro"}))}
+    assert llama["model.n_kv_head"].default == "1" and llama["model.bias"].families == ("gpt2",)
+
+
+def test_a_new_preset_drops_the_model_keys_of_the_config_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[model]\npreset = "gpt2-test"\nn_embd = 64\n')
+    assert load_config(path).model.n_embd == 64
+    switched = load_config(path, {"model.preset": "gpt2-mini", "model.n_layer": "6"})
+    assert switched.model == dataclasses.replace(PRESETS["gpt2-mini"], n_layer=6)  # n_embd=64 went with gpt2-test

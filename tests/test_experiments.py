@@ -4,7 +4,7 @@ import re
 import pytest
 
 from depthgrow import load_config
-from depthgrow.cli import main
+from depthgrow.cli import SET_BY_COMMAND, main
 from depthgrow.experiments import DEFAULT_GRID, EXPERIMENTS, config_hash, experiment_base
 
 TINY = [
@@ -23,6 +23,9 @@ def test_every_variant_of_every_grid_is_a_valid_config(name, full):
     assert len({v.label for v in variants}) == len(variants)
     configs = [base.with_overrides(v.overrides) for v in variants]
     assert all(c.growth.source_depth is not None for c in configs)
+    # the growth keys `depthgrow experiment` refuses, as every variant sets its own
+    set_by_variants = {key for key in SET_BY_COMMAND["experiment"] if key.startswith("growth.")}
+    assert set_by_variants and all(set_by_variants <= set(v.overrides) for v in variants)
     assert len({config_hash(c) for c in configs}) == len(configs), "two variants train the same run"
 
 

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 import sys
 
 import pytest
@@ -7,8 +8,10 @@ import torch
 
 import depthgrow
 from depthgrow import GPT2Config, RunConfig, build_model, preset
-from depthgrow.checkpoint import save_checkpoint
+from depthgrow.bpe import END_OF_TEXT
+from depthgrow.checkpoint import load_checkpoint, save_checkpoint
 from depthgrow.cli import main
+from depthgrow.data import GPT2_BPE_ENV, embedded_corpus_files, gpt2_encoding
 from depthgrow.export import ADAPTERS, export_checkpoint, import_pretrained
 from depthgrow.models import MoEConfig
 
@@ -31,9 +34,10 @@ def perturbed_model(config, seed=0):
     return model.eval()
 
 
-def write_checkpoint(path, config, model, *, step=7):
+def write_checkpoint(path, config, model, *, step=7, bpe_file=None):
     run = RunConfig(model_preset=None, model=config)
     run.train.steps = 10
+    run.data.bpe_file = bpe_file
     save_checkpoint(
         path,
         {"model": model.state_dict(), "config": run.to_dict(), "train_state": {"step": step, "depth": config.n_layer}},
@@ -98,9 +102,14 @@ def test_exported_gpt2_matches_depthgrow_and_round_trips(tmp_path, depth):
     assert expected.abs().max().item() > 0.1  # the comparison is between non-trivial logits
 
     hf_config = json.loads((out / "config.json").read_text())
-    assert hf_config["n_layer"] == depth and hf_config["n_positions"] == 16 and hf_config["n_ctx"] == 16
+    # eight contexts of positions, so that a generation past the context does not index past the table
+    assert hf_config["n_layer"] == depth and hf_config["n_positions"] == 8 * 16 and hf_config["n_ctx"] == 16
     assert hf_config["resid_pdrop"] == hf_config["attn_pdrop"] == hf_config["embd_pdrop"] == 0.1
     assert hf_config["bos_token_id"] is None  # the byte vocabulary has no <|endoftext|>
+    with safetensors.safe_open(out / "model.safetensors", "pt") as stored:
+        positions = stored.get_tensor("transformer.wpe.weight")
+    trained = model.transformer.wpe.weight.detach()
+    assert torch.equal(positions[:16], trained) and torch.equal(positions[16:], trained[15].expand(7 * 16, -1))
 
     assert_imports_back(out, config, model, expected)
 
@@ -214,13 +223,15 @@ def test_export_of_a_trained_run_through_the_command_line(tmp_path, capsys, name
     assert main(["export", str(run_dir), str(out)]) == 0
     printed = capsys.readouterr().out
     assert f'AutoModelForCausalLM.from_pretrained("{out}")' in printed
-    assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", "loss.png"} <= {p.name for p in out.iterdir()}
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG" and (out / "loss.png").stat().st_size < 200_000
 
     card = (out / "README.md").read_text()
     assert "exported by depthgrow" in card and f"preset `{name}`) at depth 2" in card
     assert "after 10 of 10 training steps" in card and "0 -> 2 layers, growing at step 5" in card
     assert f"Final validation loss: {result.final_val_loss:.4f}." in card
-    assert "raw UTF-8 bytes" in card and "no Hugging Face tokenizer" in card
+    assert "raw UTF-8 bytes" in card and "has no end-of-text token" in card
+    assert "## Training\n\n![validation loss against step and FLOPs](loss.png)" in card
     if name == "moe-test":
         assert "`balance_rate` (0.001) is not carried" in card and "`tokens_per_expert`" in card
 
@@ -231,6 +242,209 @@ def test_export_of_a_trained_run_through_the_command_line(tmp_path, capsys, name
 
     # a non-empty folder is exported into only with --overwrite
     assert main(["export", str(run_dir / "checkpoint.pt"), str(out), "--overwrite"]) == 0
+
+
+def train_tiny(run_dir, name, **overrides):
+    """A 10-step run of preset ``name``, grown 0 -> 2 layers at step 5; its folder."""
+    settings = {"model.preset": name, "train.steps": "10", "train.batch_size": "2", "train.eval_every": "5"}
+    settings |= {"train.eval_batches": "1", "growth.source_depth": "0", "growth.at": "0.5"}
+    depthgrow.train(depthgrow.load_config(None, {**settings, **overrides, "train.out_dir": str(run_dir)}))
+    return run_dir
+
+
+def perturb_checkpoint(run_dir, scale):
+    """Random changes to the weights of a run's checkpoint: a 10-step model repeats a byte or two, which would
+    not tell a wrong position past the context from a right one. The run's config and tokenizer stay."""
+    checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
+    generator = torch.Generator().manual_seed(0)
+    for tensor in checkpoint["model"].values():
+        if tensor.is_floating_point():
+            tensor.add_(scale * torch.randn(tensor.shape, generator=generator))
+    save_checkpoint(run_dir / "checkpoint.pt", checkpoint)
+
+
+def checkpoint_model(run_dir):
+    checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
+    config = RunConfig.from_dict(checkpoint["config"]).model.with_depth(checkpoint["train_state"]["depth"])
+    return config, checkpoint["model"]
+
+
+def depthgrow_model(config, state, length=None):
+    """The depthgrow model of a checkpoint, taking sequences of ``length`` tokens (default: its context). Past
+    the context it computes what the export's card says: rotary positions go on; GPT-2's positions past the
+    context read as its last one."""
+    length = length or config.block_size
+    if isinstance(config, GPT2Config):
+        rows = torch.arange(length).clamp(max=config.block_size - 1)
+        state = {**state, "transformer.wpe.weight": state["transformer.wpe.weight"][rows]}
+    model = build_model(dataclasses.replace(config, block_size=length), seed=0)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def depthgrow_greedy(model, prompt, new_tokens, end_of_text=None):
+    """The prompt and its greedy continuation by depthgrow's model: the argmax of the last logits, token by
+    token, ending after ``end_of_text``."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+            if ids[-1] == end_of_text:
+                break
+    return ids
+
+
+def pipeline_ids(generate, prompt, **options):
+    """The ids of the pipeline's greedy generation: prompt and continuation (for a list of prompts, a list)."""
+    results = generate(prompt, do_sample=False, return_tensors=True, **options)
+    if isinstance(prompt, list):
+        return [result[0]["generated_token_ids"] for result in results]
+    return results[0]["generated_token_ids"]
+
+
+def run_card_code(out, monkeypatch, capsys):
+    """Run the card's Python code from inside the folder, as the card says; what it printed."""
+    code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.DOTALL).group(1)
+    monkeypatch.chdir(out)
+    capsys.readouterr()
+    exec(code, {})
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["gpt2-test", "llama-test", "moe-test"])
+def test_the_exported_folder_generates_what_depthgrow_does_within_and_past_the_context(
+    tmp_path, monkeypatch, capsys, name
+):
+    run_dir = train_tiny(tmp_path / "run", name)
+    perturb_checkpoint(run_dir, 0.3)
+    out = export_checkpoint(run_dir, tmp_path / "hf")
+    config, state = checkpoint_model(run_dir)
+    context, prompt = config.block_size, "ROMEO:"
+    ids = list(prompt.encode("utf-8"))
+
+    # the folder alone: the pipeline finds the model, its tokenizer and its generation settings there
+    generate = transformers.pipeline("text-generation", model=str(out))
+    # by default a generation stops where the text fills the context (the pipeline's own default is 256 tokens)
+    within = pipeline_ids(generate, prompt)
+    assert within == depthgrow_greedy(depthgrow_model(config, state), ids, context - len(ids))
+    assert len(within) == context
+
+    # past it: as many tokens as asked (the byte vocabulary has no end-of-text token to stop at), the ones past
+    # the context as the card says
+    past = pipeline_ids(generate, prompt, max_new_tokens=context + 8)
+    assert len(past) == len(ids) + context + 8 and past[:context] == within
+    assert past == depthgrow_greedy(depthgrow_model(config, state, len(past)), ids, context + 8)
+    card = (out / "README.md").read_text()
+    if name == "gpt2-test":
+        assert f"rows {context} to {8 * context - 1} are copies of row {context - 1}" in card
+        assert "every position past the context is read as the last position within it" in card
+    else:
+        assert "Rotary positions need no table" in card
+    # a prompt that fills the context needs max_new_tokens, as the card says
+    assert "a prompt that fills it already is refused" in card
+    with pytest.raises(ValueError, match="setting `max_new_tokens`"):
+        generate("x" * context, do_sample=False)
+    # bytes have no padding token: a list of prompts goes one at a time, and padded batches are refused
+    assert "not in padded batches" in card
+    assert pipeline_ids(generate, [prompt, "JULIET:"])[0] == within
+    with pytest.raises(ValueError, match="without pad_token cannot do batching"):
+        generate([prompt, "JULIET:"], do_sample=False, batch_size=2)
+
+    # the card's code, run from inside the folder (it names no path but "."), wherever the folder was written
+    assert str(out) not in card
+    printed = run_card_code(out, monkeypatch, capsys)
+    assert printed.startswith("Once upon a time") and len(printed) > len("Once upon a time\n")
+
+
+TEXTS = ["Now is the winter of our discontent", "naïve café, 東京, 𝄞 and Ā\x00\t\r\n", "<|endoftext|> 1234567", ""]
+
+
+def test_the_byte_tokenizer_gives_the_utf8_bytes_and_has_no_special_tokens(tmp_path):
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, block_size=16, vocab_size=256)
+    checkpoint = write_checkpoint(tmp_path / "checkpoint.pt", config, build_model(config, seed=0))
+    out = export_checkpoint(checkpoint, tmp_path / "hf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    every_byte = list(range(256))
+    assert len(tokenizer) == 256
+    assert tokenizer.convert_tokens_to_ids(tokenizer.convert_ids_to_tokens(every_byte)) == every_byte
+    for text in TEXTS:
+        ids = tokenizer(text)["input_ids"]
+        assert ids == list(text.encode("utf-8")), text
+        assert tokenizer.decode(ids) == text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert tokenizer.decode([0xE6, 0x9D, 0xB1, 0xE6]) == "東\ufffd"  # a character cut short
+    # no token marks the end of a text: none is the end-of-text or padding token
+    assert (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id) == (None, None, None)
+    for name in ("config.json", "generation_config.json"):
+        settings = json.loads((out / name).read_text())
+        assert (settings.get("eos_token_id"), settings.get("pad_token_id")) == (None, None), name
+    assert json.loads((out / "generation_config.json").read_text())["max_length"] == 16
+    assert "has no end-of-text token" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("where", ["environment", "run config"])
+def test_the_gpt2_bpe_tokenizer_gives_tiktokens_ids(tmp_path, monkeypatch, real_gpt2_bpe, where):
+    run_file = None
+    if where == "run config":  # the run's data.bpe_file, still there at export time
+        monkeypatch.delenv(GPT2_BPE_ENV)
+        run_file = str(real_gpt2_bpe)
+    config = GPT2Config(
+        n_layer=1, n_embd=32, n_head=2, block_size=16, vocab_size=50257, weight_init="standard", init_std=0.3
+    )
+    model = perturbed_model(config)
+    out = export_checkpoint(
+        write_checkpoint(tmp_path / "checkpoint.pt", config, model, bpe_file=run_file), tmp_path / "hf"
+    )
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    encoding = gpt2_encoding(str(real_gpt2_bpe))
+    plays = embedded_corpus_files()[0].read_text()[:20000]
+    for text in [*TEXTS[:2], plays]:
+        assert tokenizer(text)["input_ids"] == encoding.encode_ordinary(text)
+        assert tokenizer.decode(encoding.encode_ordinary(text)) == text
+    assert tokenizer(END_OF_TEXT)["input_ids"] == [50256]
+    assert tokenizer.eos_token_id == tokenizer.bos_token_id == tokenizer.pad_token_id == 50256
+    for name in ("config.json", "generation_config.json"):
+        settings = json.loads((out / name).read_text())
+        assert settings["eos_token_id"] == settings["bos_token_id"] == settings["pad_token_id"] == 50256, name
+    assert "`<|endoftext|>` (id 50256)" in (out / "README.md").read_text()
+
+    generate = transformers.pipeline("text-generation", model=str(out))
+    prompt = encoding.encode_ordinary("ROMEO:")
+    assert pipeline_ids(generate, "ROMEO:", max_new_tokens=4) == depthgrow_greedy(model, prompt, 4, 50256)
+
+
+def test_a_trained_bpe_export_ends_its_generations_at_endoftext(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"{i} the cat sat on the mat; the dog ran to the cat." for i in range(200)))
+    run_dir = train_tiny(tmp_path / "run", "gpt2-test", **{"model.vocab_size": "300", "data.path": str(corpus)})
+    out = export_checkpoint(run_dir, tmp_path / "hf")
+    config, state = checkpoint_model(run_dir)
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    end_of_text = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+    assert tokenizer.eos_token_id == tokenizer.bos_token_id == tokenizer.pad_token_id == end_of_text
+    for name in ("config.json", "generation_config.json"):
+        settings = json.loads((out / name).read_text())
+        assert settings["eos_token_id"] == settings["pad_token_id"] == end_of_text, name
+    assert f"`<|endoftext|>` (id {end_of_text}) ended every training document" in (out / "README.md").read_text()
+
+    generate = transformers.pipeline("text-generation", model=str(out))
+    prompt = tokenizer("the cat")["input_ids"]
+    expected = depthgrow_greedy(depthgrow_model(config, state), prompt, config.block_size - len(prompt), end_of_text)
+    assert pipeline_ids(generate, "the cat") == expected
+
+    # a model that predicts <|endoftext|> everywhere (the final norm's output is its embedding, made the longest
+    # of all, and the head is tied): the generation stops there, and the text leaves it out
+    checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
+    state = checkpoint["model"]
+    state["transformer.wte.weight"][end_of_text] *= 10
+    state["transformer.ln_f.weight"].zero_()
+    state["transformer.ln_f.bias"].copy_(state["transformer.wte.weight"][end_of_text])
+    save_checkpoint(run_dir / "checkpoint.pt", checkpoint)
+    generate = transformers.pipeline("text-generation", model=str(export_checkpoint(run_dir, tmp_path / "ends")))
+    assert pipeline_ids(generate, "the cat") == [*prompt, end_of_text]
+    assert depthgrow_greedy(depthgrow_model(config, state), prompt, 5, end_of_text) == [*prompt, end_of_text]
+    assert generate("the cat", do_sample=False)[0]["generated_text"] == "the cat"
 
 
 def test_an_unfinished_run_exports_at_its_current_depth(tmp_path):
@@ -253,14 +467,29 @@ ERRORS = {
     "missing checkpoint": "no checkpoint at",
     "non-empty out_dir": "is not empty; pass --overwrite",
     "no transformers": "export needs transformers and safetensors: pip install 'depthgrow[export]'",
+    "no gpt2.tiktoken": "the run's tokens are GPT-2's BPE, and the export writes its tokenizer from a gpt2.tiktoken "
+    f"file: set {GPT2_BPE_ENV} to one",
+    "moved gpt2.tiktoken": "gpt2.tiktoken file (the run's data.bpe_file /nowhere/gpt2.tiktoken and "
+    f"{GPT2_BPE_ENV}=/elsewhere/gpt2.tiktoken: no such file): set {GPT2_BPE_ENV} to one",
+    "other gpt2.tiktoken": "holds 3 tokens with <|endoftext|>, not GPT-2's 50257: not GPT-2's gpt2.tiktoken",
+    "image model": "no Hugging Face export for model family 'resnet' yet",
 }
 
 
 @pytest.mark.parametrize("case", ERRORS, ids=list(ERRORS))
 def test_export_errors_get_one_line_and_exit_status_2(tmp_path, capsys, monkeypatch, case):
-    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, block_size=16, vocab_size=256)
-    source = write_checkpoint(tmp_path / "checkpoint.pt", config, build_model(config, seed=0))
+    vocabulary = 50257 if "gpt2.tiktoken" in case else 256  # GPT-2's BPE, or bytes
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, block_size=16, vocab_size=vocabulary)
+    if case == "image model":
+        config = preset("resnet-test")
+    run_file = {"moved gpt2.tiktoken": "/nowhere/gpt2.tiktoken", "other gpt2.tiktoken": f"{tmp_path}/other.tiktoken"}
+    if case == "other gpt2.tiktoken":
+        pytest.importorskip("tiktoken")
+        (tmp_path / "other.tiktoken").write_text("YQ== 0\nYg== 1\n")  # the tokens a and b
+    model = build_model(config, seed=0)
+    source = write_checkpoint(tmp_path / "checkpoint.pt", config, model, bpe_file=run_file.get(case))
     out = tmp_path / "hf"
+    monkeypatch.delenv(GPT2_BPE_ENV, raising=False)
     if case == "no adapter":
         monkeypatch.delitem(ADAPTERS, "gpt2")
     elif case == "missing checkpoint":
@@ -268,7 +497,9 @@ def test_export_errors_get_one_line_and_exit_status_2(tmp_path, capsys, monkeypa
     elif case == "non-empty out_dir":
         out.mkdir()
         (out / "notes.txt").write_text("keep me")
-    else:
+    elif case == "moved gpt2.tiktoken":
+        monkeypatch.setenv(GPT2_BPE_ENV, "/elsewhere/gpt2.tiktoken")
+    elif case == "no transformers":
         monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
     assert main(["export", str(source), str(out)]) == 2
     err = capsys.readouterr().err
@@ -286,6 +517,23 @@ def test_import_refuses_a_gpt2_depthgrow_cannot_express(tmp_path):
     hf_config.activation_function = "relu"
     transformers.GPT2LMHeadModel(hf_config).save_pretrained(tmp_path)
     with pytest.raises(depthgrow.DepthgrowError, match="gelu_new.*; its LM head is not tied"):
+        import_pretrained(tmp_path)
+
+
+POSITIONS_REFUSED = {
+    # an export's rows past n_ctx copy its last position; a GPT-2 with other rows there has more positions
+    (16, 8): r"position embeddings past its context \(n_ctx 8\) differ from the last one within it",
+    (8, 16): r"its context n_ctx \(16\) is longer than its position table \(n_positions 8\)",
+}
+
+
+@pytest.mark.parametrize("positions, context", POSITIONS_REFUSED)
+def test_import_refuses_a_gpt2_whose_positions_are_not_its_contexts(tmp_path, positions, context):
+    hf_config = transformers.GPT2Config(
+        n_layer=1, n_embd=32, n_head=2, n_positions=positions, n_ctx=context, vocab_size=256
+    )
+    transformers.GPT2LMHeadModel(hf_config).save_pretrained(tmp_path)
+    with pytest.raises(depthgrow.DepthgrowError, match=POSITIONS_REFUSED[positions, context]):
         import_pretrained(tmp_path)
 
 

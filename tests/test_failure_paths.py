@@ -269,3 +269,46 @@ def test_a_diverged_run_of_a_compare_points_back_to_the_compare(tmp_path):
     train(config, stop_at=20)
     with pytest.raises(Diverged, match=r"is whole; lower optim.lr \(now 30\) and run the same compare command again"):
         train(config.with_overrides({"optim.lr": "30"}), resume=True, resume_hint="the same compare command")
+
+
+# --- extending a run -----------------------------------------------------------------------------------
+
+
+def test_a_constant_schedule_run_extends_to_the_run_it_would_have_been(tmp_path, capsys):
+    constant = [*TINY, "--schedule.name=constant"]
+    assert main(["train", *constant, "--out", str(tmp_path / "short")]) == 0
+    assert main(["train", "--resume", str(tmp_path / "short"), "--train.steps=60"]) == 0
+    assert "from step 40 on, train.steps 40 -> 60" in capsys.readouterr().err
+    assert main(["train", *constant, "--train.steps=60", "--out", str(tmp_path / "long")]) == 0
+    extended, whole = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("short", "long"))
+    assert extended["step"] == 60 and extended["final_val_loss"] == whole["final_val_loss"]
+    steps = [r["step"] for r in read_log(tmp_path / "short" / "log.jsonl") if r["event"] == "train"]
+    assert steps == list(range(1, 61))
+
+
+def test_extending_a_wsd_run_before_its_decay_works_after_it_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run), "--stop-at", "20"]) == 0
+    assert main(["train", "--resume", str(run), "--train.steps=80", "--stop-at", "30"]) == 0  # decay starts at 72
+    lr = {r["step"]: r["lr"] for r in read_log(run / "log.jsonl") if r["event"] == "train"}
+    assert lr[30] == pytest.approx(0.01)  # still at the peak, where the 40-step run would have been decaying
+    assert main(["train", "--resume", str(run), "--train.steps=50"]) == 2
+    assert "a run can be extended, not shortened (train.steps 80 -> 50)" in one_error_line(capsys.readouterr().err)
+    assert main(["train", *TINY, "--out", str(tmp_path / "done")]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "done"), "--train.steps=80"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "cannot extend the run" in line and "from 40 to 80 steps at step 40" in line
+    assert "wsd learning rate had begun to fall" in line and "Extend a run before its decay" in line
+
+
+def test_an_extension_keeps_the_expansions_already_made(tmp_path, capsys):
+    run = tmp_path / "run"
+    growing = [*TINY, "--schedule.name=constant", "--growth.source_depth=0", "--growth.at=0.5"]
+    assert main(["train", *growing, "--out", str(run), "--stop-at", "30"]) == 0
+    assert main(["train", "--resume", str(run), "--train.steps=60"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "the expansions made at step 20 would move to step 30 with T = 60" in line
+    assert "keep them where they were with --growth.at 20" in line
+    assert main(["train", "--resume", str(run), "--train.steps=60", "--growth.at=20"]) == 0
+    assert [r["step"] for r in read_log(run / "log.jsonl") if r["event"] == "growth"] == [20]

@@ -10,6 +10,7 @@ import torch
 from test_data import write_ranks
 
 from depthgrow import data as data_module
+from depthgrow.checkpoint import load_checkpoint
 from depthgrow.cli import main
 from depthgrow.data import (
     SHARD_HEADER_BYTES,
@@ -70,7 +71,7 @@ def test_val_and_train_shards_are_named_and_sized(tmp_path):
     summary = prepare_folder(text, tmp_path / "out", shard_tokens=400, prefix="corpus")
     # 900 training tokens in shards of 400, 400, 100; validation numbered from 0, training from 1
     names = ["corpus_train_000001.bin", "corpus_train_000002.bin", "corpus_train_000003.bin", "corpus_val_000000.bin"]
-    assert shard_names(tmp_path / "out") == names
+    assert shard_names(tmp_path / "out") == [*names, "prepared.json"]
     assert [len(read_shard(f)) for f in summary.shards["train"]] == [400, 400, 100]
     assert [len(read_shard(f)) for f in summary.shards["val"]] == [100]
     assert read_shard(summary.shards["val"][0]).dtype == np.dtype("<u2")  # bytes too: uint16 shards
@@ -107,7 +108,8 @@ def test_refuses_a_non_empty_output_folder_without_overwrite(tmp_path):
         prepare_folder(text, tmp_path / "out")
     (tmp_path / "out" / "notes.txt").write_text("mine")
     prepare_folder(text, tmp_path / "out", overwrite=True)  # one training shard now: the 9 old ones are gone
-    assert shard_names(tmp_path / "out") == ["data_train_000001.bin", "data_val_000000.bin", "notes.txt"]
+    kept = ["data_train_000001.bin", "data_val_000000.bin", "notes.txt", "prepared.json"]
+    assert shard_names(tmp_path / "out") == kept
     assert len(load_data(DataConfig(path=str(tmp_path / "out"))).train) == 900
 
 
@@ -292,8 +294,11 @@ def test_cli_prepare_then_train_on_the_shards(tmp_path, capsys):
     # 1120 bytes a play: 1008 train, 112 val
     summary = f"prepared 3 documents (byte tokens): 3,024 train tokens in 4 shards, 336 val tokens in 1 shard, in {out}"
     assert printed.out.splitlines()[0] == summary
-    assert f"depthgrow train --data {out} --data.tokenizer byte" in printed.out
-    assert printed.err.count("wrote ") == len(list(out.iterdir()))  # a line per shard
+    assert f"depthgrow train --data {out} (it records its tokenizer)" in printed.out
+    assert printed.err.count("wrote ") == len(list(out.glob("*.bin")))  # a line per shard
+    assert json.loads((out / "prepared.json").read_text()) == {
+        "tokenizer": "byte", "vocab_size": 256, "documents": 3, "train": 3024, "val": 336
+    }  # fmt: skip
     run = tmp_path / "run"
     assert main(["train", *TINY_TRAIN, "--data", str(out), "--out", str(run)]) == 0
     summary = json.loads((run / "summary.json").read_text())
@@ -307,11 +312,18 @@ def test_cli_prepare_gpt2_then_train_on_the_shards(tmp_path, capsys, monkeypatch
     text = corpus(tmp_path / "text", {f"{i}.txt": "the other theme, " * 100 for i in range(2)})
     out = tmp_path / "shards"
     assert main(["prepare", str(text), "--out", str(out), "--tokenizer", "gpt2", "--bpe-file", str(ranks)]) == 0
-    assert f"depthgrow train --data {out} --data.tokenizer gpt2" in capsys.readouterr().out
-    # the shards hold GPT-2 ids: the model needs GPT-2's vocabulary, not the byte presets' 256
-    args = [*TINY_TRAIN, "--data", str(out), "--data.tokenizer", "gpt2", "--model.vocab_size=50257"]
+    assert f"depthgrow train --data {out} (it records its tokenizer)" in capsys.readouterr().out
+    # the shards hold GPT-2 ids: the model needs GPT-2's vocabulary, not the byte presets' 256; the folder
+    # says which tokenizer made them, so --data.tokenizer is not needed
+    args = [*TINY_TRAIN, "--data", str(out), "--model.vocab_size=50304"]  # padded: auto alone would say bpe
     assert main(["train", *args, "--out", str(tmp_path / "run")]) == 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 5
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["tokenizer"] == "gpt2"
+    capsys.readouterr()
+    assert main(["train", *args, "--data.tokenizer=byte", "--out", str(tmp_path / "byte")]) == 2
+    err = capsys.readouterr().err
+    assert f"data {out} was prepared with the gpt2 tokenizer, but data.tokenizer is byte" in err
+    assert err.count("\n") == 1 and not (tmp_path / "byte").exists()
 
 
 def test_cli_prepare_from_a_hf_data_file(tmp_path, capsys, hf_datasets):

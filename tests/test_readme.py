@@ -36,3 +36,11 @@ def test_every_image_the_docs_show_is_in_the_repository():
         assert images, page
         for image in images:
             assert (page.parent / image).is_file(), f"{page.name} shows {image}, which is not in the repository"
+
+
+def test_the_config_table_is_the_one_the_code_renders():
+    from depthgrow.config import config_table, load_config
+
+    table = config_table(load_config())
+    # regenerate: replace the README's table with print(depthgrow.config.config_table(load_config()))
+    assert f"\n\n{table}\n\n" in README, "the README's config table differs from config_table(load_config())"

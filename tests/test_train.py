@@ -67,11 +67,12 @@ def test_log_holds_every_step_the_evaluations_around_growth_and_cumulative_flops
     assert [r["step"] for r in train_records] == list(range(1, 41))
     assert {r["depth"] for r in train_records[:20]} == {1} and {r["depth"] for r in train_records[20:]} == {2}
     evals = records(run, "eval")
+    # one evaluation per evaluated step, but two at the expansion: the model before and after it
     assert [(r["step"], r.get("phase")) for r in evals] == [
-        (10, None), (20, None), (20, "pre_growth"), (20, "post_growth"), (30, None), (40, None)
+        (0, None), (10, None), (20, "pre_growth"), (20, "post_growth"), (30, None), (40, None)
     ]  # fmt: skip
-    assert evals[1]["val_loss"] == evals[2]["val_loss"]  # same model, same fixed validation batches
-    assert all(0.0 < r["val_accuracy"] < 1.0 for r in evals)
+    assert evals[0]["flops"] == 0 and evals[0]["tokens"] == 0
+    assert all(0.0 < r["val_accuracy"] < 1.0 for r in evals[1:])
     assert evals[2]["depth"] == 1 and evals[3]["depth"] == 2
     # copy from one layer changes the function, so the loss right after growth differs
     assert evals[3]["val_loss"] != evals[2]["val_loss"]
@@ -149,7 +150,7 @@ def test_a_log_shorter_than_the_checkpoint_expects_is_refused(tmp_path):
 
 
 def test_a_diverging_run_stops_with_an_error_and_keeps_its_checkpoint(tmp_path):
-    with pytest.raises(DepthgrowError, match="loss became nan at step 1"):
+    with pytest.raises(DepthgrowError, match="validation loss became nan at step 0"):  # the first evaluation
         train(tiny(tmp_path, "run", model__weight_init="standard", model__init_std="1e30"))
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 

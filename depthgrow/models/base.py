@@ -18,6 +18,7 @@ from typing import ClassVar, Literal, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from depthgrow.docfield import doc_field
 from depthgrow.seeding import derived_generator
 
 WeightInit = Literal["standard", "spectral"]
@@ -31,11 +32,13 @@ class ModelConfig:
     family: ClassVar[str]
     task: ClassVar[str] = "lm"  # what the trainer feeds the model: "lm" token windows, "image" images
     unit: ClassVar[str] = "token"  # what FLOPs and throughput are counted per
-    n_layer: int
-    # "spectral": muP-style, every weight matrix with spectral norm about sqrt(fan_out / fan_in) (see
-    # spectral_std; the paper's condition, and the better of the two in `depthgrow experiment recipe`);
-    # "standard": the family's usual init (GPT-2's N(0, init_std²), He's for ResNets)
-    weight_init: WeightInit = "spectral"
+    n_layer: int = doc_field(doc="the depth: blocks in each block stack (a growing run's target depth)")
+    # spectral by default: the better of the two in `depthgrow experiment recipe` (see spectral_std)
+    weight_init: WeightInit = doc_field(
+        "spectral",
+        "spectral: muP-style, every weight matrix with spectral norm about sqrt(fan_out / fan_in) (the paper's "
+        "condition); standard: the family's usual init (GPT-2's N(0, init_std²), He's for ResNets)",
+    )
 
     def with_depth(self, depth: int) -> ModelConfig:
         return dataclasses.replace(self, n_layer=depth)

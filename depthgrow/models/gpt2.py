@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from depthgrow.docfield import doc_field
 from depthgrow.models.base import (
     EMBEDDING_STREAM,
     ModelConfig,
@@ -32,13 +33,13 @@ from depthgrow.seeding import derived_generator
 class GPT2Config(ModelConfig):
     family: ClassVar[str] = "gpt2"
     n_layer: int = 12
-    n_embd: int = 768
-    n_head: int = 12
-    block_size: int = 1024  # context length; also the training sequence length
-    vocab_size: int = 50257
-    bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
-    dropout: float = 0.0
-    init_std: float = 0.02  # the std of weight_init="standard" (GPT-2's); the spectral init does not use it
+    n_embd: int = doc_field(768, "the width: the residual stream's dimension")
+    n_head: int = doc_field(12, "attention heads (n_embd must be divisible by it)")
+    block_size: int = doc_field(1024, "context length; also the training sequence length")
+    vocab_size: int = doc_field(50257, "tokens in the vocabulary (data.tokenizer=auto chooses the tokenizer by it)")
+    bias: bool = doc_field(True, "biases in Linear and LayerNorm, as in GPT-2")
+    dropout: float = doc_field(0.0, "dropout on the embeddings, attention weights and residual branches")
+    init_std: float = doc_field(0.02, "the std of weight_init=standard (GPT-2's); the spectral init does not use it")
 
     def problems(self) -> list[str]:
         found = super().problems()

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from depthgrow.docfield import doc_field
 from depthgrow.models.base import (
     EMBEDDING_STREAM,
     ModelConfig,
@@ -38,15 +39,18 @@ class DecoderConfig(ModelConfig):
     llama3-1b preset with an untied head."""
 
     n_layer: int = 32
-    n_embd: int = 1536
-    n_head: int = 12
-    n_kv_head: int = 4  # grouped-query attention: each key/value head serves n_head / n_kv_head query heads
-    block_size: int = 2048  # context length; also the training sequence length
-    vocab_size: int = 128256  # LLaMA-3's tokenizer
-    rope_theta: float = 500000.0  # LLaMA-3's; LLaMA-1/2 used 10000
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False  # the LM head is the token embedding (one parameter, no lm_head entry)
-    init_std: float = 0.02  # the std of weight_init="standard" (GPT-2's); the spectral init does not use it
+    n_embd: int = doc_field(1536, "the width: the residual stream's dimension")
+    n_head: int = doc_field(12, "query heads (n_embd must be divisible by it)")
+    n_kv_head: int = doc_field(
+        4, "grouped-query attention: key/value heads, each serving n_head / n_kv_head query heads"
+    )
+    block_size: int = doc_field(2048, "context length; also the training sequence length")
+    # LLaMA-3's tokenizer and rope_theta (LLaMA-1/2 used 10000)
+    vocab_size: int = doc_field(128256, "tokens in the vocabulary (data.tokenizer=auto chooses the tokenizer by it)")
+    rope_theta: float = doc_field(500000.0, "the base of the rotary embeddings' frequencies")
+    norm_eps: float = doc_field(1e-5, "RMSNorm's epsilon")
+    tie_embeddings: bool = doc_field(False, "the LM head is the token embedding (one parameter, no lm_head entry)")
+    init_std: float = doc_field(0.02, "the std of weight_init=standard (GPT-2's); the spectral init does not use it")
 
     def units_per_example(self) -> int:
         return self.block_size
@@ -88,8 +92,9 @@ class DecoderConfig(ModelConfig):
 @dataclass(kw_only=True, frozen=True)
 class LlamaConfig(DecoderConfig):
     family: ClassVar[str] = "llama"
-    # SwiGLU hidden size; none: LLaMA's rule, 8/3 · n_embd rounded up to a multiple of 256
-    ffn_hidden: int | None = None
+    ffn_hidden: int | None = doc_field(
+        None, "SwiGLU hidden size; none: LLaMA's rule, 8/3 · n_embd rounded up to a multiple of 256"
+    )
 
     @property
     def ffn_size(self) -> int:

@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from depthgrow.docfield import doc_field
 from depthgrow.models.llama import Block, DecoderConfig, Llama, SwiGLU
 
 
@@ -50,13 +51,13 @@ class MoEConfig(DecoderConfig):
     rope_theta: float = 10000.0  # DeepSeek-V3's
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
-    n_expert: int = 64  # routed experts per block
-    # routed experts each token uses, at least 2: with 1 the weight normalised over the chosen experts is
-    # always 1, so the router would get no gradient and only the balancing bias would route
-    top_k: int = 6
-    n_shared_expert: int = 2  # experts every token uses
-    expert_hidden: int = 384  # SwiGLU hidden size of one expert
-    balance_rate: float = 1e-3  # step of the balancing bias per training forward (DeepSeek-V3's gamma)
+    n_expert: int = doc_field(64, "routed experts per block")
+    # at least 2: with 1 the weight normalised over the chosen experts is always 1, so the router would get
+    # no gradient and only the balancing bias would route
+    top_k: int = doc_field(6, "routed experts each token uses (at least 2)")
+    n_shared_expert: int = doc_field(2, "experts every token uses")
+    expert_hidden: int = doc_field(384, "SwiGLU hidden size of one expert")
+    balance_rate: float = doc_field(1e-3, "step of the balancing bias per training forward (DeepSeek-V3's gamma)")
 
     def problems(self) -> list[str]:
         found = super().problems()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from depthgrow.docfield import doc_field
 from depthgrow.models.base import EMBEDDING_STREAM, ModelConfig, block_generator, materialize, normal_
 from depthgrow.seeding import derived_generator
 
@@ -37,15 +38,18 @@ class ResNetConfig(ModelConfig):
     family: ClassVar[str] = "resnet"
     task: ClassVar[str] = "image"
     unit: ClassVar[str] = "image"
-    n_layer: int = 3  # residual blocks per stage: the depth that growth changes
-    width: int = 16  # channels of stage 0; stage i has width * 2**i
-    n_stage: int = 3
-    in_channels: int = 3
-    num_classes: int = 10
-    image_size: int = 32  # side of the square input images (the layers work at any size; FLOPs depend on it)
-    # between stages: "shortcut", parameter-free (He et al.'s option A), or "conv", a conv3x3 stride 2
-    transition: Literal["shortcut", "conv"] = "shortcut"
-    zero_init_residual: bool = False  # each block's last BatchNorm gain starts at 0 (the block starts as identity)
+    n_layer: int = doc_field(3, "residual blocks per stage: the depth that growth changes")
+    width: int = doc_field(16, "channels of stage 0; stage i has width * 2**i")
+    n_stage: int = doc_field(3, "stages, each halving the feature maps' side after the first")
+    in_channels: int = doc_field(3, "channels of the input images (3: RGB, 1: grey)")
+    num_classes: int = doc_field(10, "classes the classifier tells apart")
+    image_size: int = doc_field(32, "side of the square input images (the layers work at any size; FLOPs depend on it)")
+    transition: Literal["shortcut", "conv"] = doc_field(
+        "shortcut", "between stages: shortcut, parameter-free (He et al.'s option A), or conv, a conv3x3 stride 2"
+    )
+    zero_init_residual: bool = doc_field(
+        False, "each block's last BatchNorm gain starts at 0 (the block starts as identity)"
+    )
 
     def problems(self) -> list[str]:
         found = super().problems()
