@@ -154,16 +154,25 @@ def cmd_flops(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from depthgrow.experiments import EXPERIMENTS, experiment_base, run_experiment
+    from depthgrow.experiments import NAMES, SCALING, experiment_base, run_experiment, run_scaling_experiment
 
     _check_mix_tolerance(args.mix_tolerance)
+    if args.tokens_per_param is not None and args.name not in (SCALING, "all"):
+        raise DepthgrowError(f"--tokens-per-param is for the {SCALING} experiment, not {args.name}")
     # --out is the results folder, not train.out_dir: every run gets its own folder in it
     given = {key: getattr(args, flag) for flag, key in SHORTHANDS.items() if flag != "out" and getattr(args, flag)}
     overrides = {**overrides, **given}
-    names = list(EXPERIMENTS) if args.name == "all" else [args.name]
+    names = list(NAMES) if args.name == "all" else [args.name]
     for name in names:
         base = experiment_base(name, config_path=args.config, overrides=overrides, full=args.full)
-        run_experiment(name, base, out=args.out or "results", full=args.full, mix_tolerance=args.mix_tolerance)
+        out = args.out or "results"
+        if name == SCALING:
+            model_given = "model.preset" in overrides or "model.family" in overrides
+            run_scaling_experiment(
+                base, out=out, full=args.full, tokens_per_param=args.tokens_per_param, model_given=model_given
+            )
+        else:
+            run_experiment(name, base, out=out, full=args.full, mix_tolerance=args.mix_tolerance)
     return 0
 
 
@@ -275,6 +284,14 @@ def cmd_plot(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from depthgrow.planner import plan_lines
+
+    config = _config(args, overrides)
+    print("\n".join(plan_lines(config, tokens=args.tokens, flops=args.flops, results=args.results)))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, str]], int]] = {
     "train": cmd_train,
     "compare": cmd_compare,
@@ -283,6 +300,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, str]], int]] = {
     "export": cmd_export,
     "generate": cmd_generate,
     "plot": cmd_plot,
+    "plan": cmd_plan,
     "prepare": cmd_prepare,
 }
 
@@ -366,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
         paths=False,  # it reads no data and writes nothing
     )
 
-    from depthgrow.experiments import DEFAULT_GRID, EXPERIMENTS
+    from depthgrow.experiments import DEFAULT_GRID, NAMES
 
     experiment_parser = commands.add_parser(
         "experiment",
@@ -376,12 +394,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    experiment_parser.add_argument("name", choices=[*EXPERIMENTS, "all"], help="the experiment")
+    experiment_parser.add_argument(
+        "name", choices=[*NAMES, "all"], metavar="NAME", help=f"the experiment: {', '.join(NAMES)}, or all"
+    )
     experiment_parser.add_argument("config", nargs="?", help="a TOML base config (default: the compare recipe)")
     experiment_parser.add_argument("--model", help=f"the base recipe's {MODEL_HELP}")
     experiment_parser.add_argument("--data", help="data of the base recipe")
     experiment_parser.add_argument("--out", help="results folder (default: results)")
     experiment_parser.add_argument("--full", action="store_true", help="the larger grid, closer to the paper's")
+    experiment_parser.add_argument(
+        "--tokens-per-param",
+        type=float,
+        metavar="RATIO",
+        help="scaling: training tokens per parameter of every size (default: the paper's 50, MoE 100)",
+    )
     _mix_tolerance_option(experiment_parser)
 
     export_help = "write a run's model as a Hugging Face transformers folder (config.json, model.safetensors)"
@@ -390,6 +416,16 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (created if missing)")
     export_parser.add_argument("--overwrite", action="store_true", help="export into OUT_DIR even if it is not empty")
     _generate_parser(commands)
+    plan_help = "predict what growth saves on a model and budget, from the laws the scaling experiment stored"
+    plan_parser = commands.add_parser("plan", help=plan_help, description=plan_help, allow_abbrev=False)
+    plan_parser.add_argument("config", nargs="?", help="a TOML run config (its model and batch)")
+    plan_parser.add_argument("--model", help=MODEL_HELP)
+    budget = plan_parser.add_mutually_exclusive_group()
+    budget.add_argument("--tokens", type=float, metavar="N", help="the training budget in tokens")
+    budget.add_argument("--flops", type=float, metavar="C", help="the training budget in FLOPs (depthgrow counting)")
+    plan_parser.add_argument(
+        "--results", default="results", help="where experiment scaling wrote its runs (default: results)"
+    )
     plot_help = "draw runs' validation loss against step and against FLOPs, expansions marked"
     plot_parser = commands.add_parser("plot", help=plot_help, description=plot_help, allow_abbrev=False)
     plot_parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (each with its log.jsonl)")
@@ -507,7 +543,7 @@ def _wrapped(text: str) -> str:
 
 
 def _experiment_description() -> str:
-    from depthgrow.experiments import DEFAULT_GRID, EXPERIMENTS
+    from depthgrow.experiments import DEFAULT_GRID, EXPERIMENTS, SCALING, SCALING_QUESTION
 
     grid = ", ".join(f"{key}={value}" for key, value in DEFAULT_GRID.items())
     intro = _wrapped(
@@ -522,6 +558,8 @@ def _experiment_description() -> str:
     for e in EXPERIMENTS.values():
         base = ", ".join(f"{key}={value}" for key, value in e.base(False).items())
         rows.append((e.name, f"{e.question} (base: {base})" if base else e.question))
+    ladder = "a ladder of widths of gpt2-micro-bpe and llama-micro-bpe (--full: and moe-micro-bpe), or of --model"
+    rows.append((SCALING, f"{SCALING_QUESTION} ({ladder})"))
     return "\n".join([intro, "", *_columns(rows)])
 
 

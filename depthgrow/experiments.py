@@ -250,6 +250,14 @@ EXPERIMENTS: dict[str, Experiment] = {
 }
 
 
+SCALING = "scaling"  # the scaling ladder: not a list of variants of one base (see depthgrow.scaling)
+SCALING_QUESTION = (
+    "how does the compute multiplier of zero- and one-layer growth change with the model's size, at a fixed "
+    "number of tokens per parameter (the paper's v2: 3-5x at 0.25B-2B parameters, growing with scale)?"
+)
+NAMES = (*EXPERIMENTS, SCALING)
+
+
 # train fields that came after runs were first stored: part of a run's identity only when set away from
 # their defaults, so that the runs stored before them are still found
 _LATER_TRAIN_FIELDS = ("parallel", "compile", "precision", "peak_tflops", "loggers")
@@ -282,10 +290,11 @@ def experiment_base(
 ) -> RunConfig:
     """The base recipe of an experiment: the defaults, the grid's run length and the experiment's own
     settings, then the user's config file and overrides (which win)."""
-    if name not in EXPERIMENTS:
-        raise DepthgrowError(f"unknown experiment {name!r}; choose one of: {', '.join(EXPERIMENTS)}")
-    grid = {} if full else DEFAULT_GRID
-    own = {**grid, **EXPERIMENTS[name].base(full)}
+    if name not in NAMES:
+        raise DepthgrowError(f"unknown experiment {name!r}; choose one of: {', '.join(NAMES)}")
+    # the scaling ladder sets every run's length itself (tokens per parameter)
+    grid = {} if full or name == SCALING else DEFAULT_GRID
+    own = {**grid, **(EXPERIMENTS[name].base(full) if name in EXPERIMENTS else {})}
     if config_path is not None:
         return load_config(config_path, {**own, **(overrides or {})})
     return load_config(None, {**own, **(overrides or {})})
@@ -357,6 +366,34 @@ def run_experiment(
         else:
             plot.plot_compare(logs, folder / "plot.png", title=title)
         print(f"plot: {folder / 'plot.png'}")
+    return rows
+
+
+def run_scaling_experiment(
+    base: RunConfig, *, out: str | Path, full: bool, tokens_per_param: float | None, model_given: bool
+) -> list[dict[str, Any]]:
+    """Train (or reuse) the scaling ladder over ``base`` and write its table, summary and plot to
+    ``<out>/scaling``."""
+    from depthgrow import scaling
+
+    widths = scaling.FULL_WIDTHS if full else scaling.DEFAULT_WIDTHS
+    bases = scaling.family_bases(base, full=full, model_given=model_given)
+    rungs = scaling.ladder(bases, widths=widths, tokens_per_param=tokens_per_param)
+    store = Path(out) / "runs"
+    rows, laws = scaling.run_scaling(
+        rungs,
+        stored=lambda config, label: _stored(config, store, label),
+        resume_hint=f"the same depthgrow experiment {SCALING} command",
+    )
+    folder = Path(out) / SCALING
+    table = scaling.write_scaling(rows, laws, folder)
+    print(f"# {SCALING}: {SCALING_QUESTION}\n\n{table}\n")
+    try:
+        from depthgrow.plot import plot_scaling
+    except ImportError:
+        print("no plot written: matplotlib is missing (pip install 'depthgrow[plot]')")
+    else:
+        print(f"plot: {plot_scaling(rows, laws, folder / 'plot.png', title=f'{SCALING}: {SCALING_QUESTION}')}")
     return rows
 
 

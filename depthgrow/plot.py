@@ -178,3 +178,42 @@ def plot_regime(rows: list[dict[str, Any]], path: str | Path, *, title: str, x_l
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
     return _save(figure, path, title)
+
+
+_METHOD_MARKERS = {"fixed": "o", "0 -> L": "*", "1 -> L": "s"}
+_METHOD_LINES = {"fixed": "-", "0 -> L": "--", "1 -> L": ":"}
+
+
+def plot_scaling(
+    rows: list[dict[str, Any]], laws: dict[str, dict[str, Frontier | None]], path: str | Path, *, title: str
+) -> Path:
+    """Left: final loss against FLOPs (log-log), a colour per family and a marker per method, with each
+    method's fitted law; right: each progressive run's compute multiplier against its parameters."""
+    figure, (by_flops, by_size) = plt.subplots(1, 2, figsize=(13, 5))
+    for index, (family, by_method) in enumerate(laws.items()):
+        colour = f"C{index}"
+        for method, frontier in by_method.items():
+            runs = sorted((r for r in rows if (r["family"], r["method"]) == (family, method)), key=lambda r: r["flops"])
+            marker, line = _METHOD_MARKERS[method], _METHOD_LINES[method]
+            label = f"{family} {method}" + ("" if frontier is None else f" (alpha {frontier.law.alpha:.3f})")
+            flops, losses = [r["flops"] for r in runs], [r["final_val_loss"] for r in runs]
+            by_flops.scatter(flops, losses, color=colour, marker=marker, s=50 if marker == "*" else 25, label=label)
+            if frontier is not None:
+                grid = np.geomspace(flops[0] / 1.5, flops[-1] * 1.5, 100)
+                by_flops.plot(grid, [frontier.law.loss(c) for c in grid], color=colour, linestyle=line, linewidth=1)
+            measured = sorted((r["params"], r["compute_multiplier"]) for r in runs if r["compute_multiplier"])
+            if method != "fixed" and measured:
+                by_size.plot([p for p, _ in measured], [m for _, m in measured], color=colour, linestyle=line,
+                             marker=marker, label=f"{family} {method}")  # fmt: skip
+    by_size.axhline(1.0, color="black", linewidth=0.8, label="worth exactly its FLOPs")
+    by_flops.set_xscale("log")
+    by_flops.set_yscale("log")
+    by_flops.set_xlabel("training FLOPs")
+    by_flops.set_ylabel("final validation loss (nats/token)")
+    by_size.set_xscale("log")
+    by_size.set_xlabel("parameters")
+    by_size.set_ylabel("compute multiplier on the fixed-depth law")
+    for axes in (by_flops, by_size):
+        axes.grid(alpha=0.3, which="both")
+        axes.legend(fontsize=7)
+    return _save(figure, path, title)
