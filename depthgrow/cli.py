@@ -1,4 +1,5 @@
-"""The ``depthgrow`` command: ``train``, ``compare``, ``experiment``, ``flops``, ``export`` and ``prepare``.
+"""The ``depthgrow`` command: ``train``, ``compare``, ``flops``, ``experiment``, ``plan``, ``generate``, ``plot``,
+``export`` and ``prepare``.
 
 The commands that train or count a run config (``train``, ``compare``, ``flops``, ``experiment``) take an
 optional TOML config file and any number of ``--section.key=value`` overrides (``--growth.at=0.8``,
