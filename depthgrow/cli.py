@@ -75,6 +75,21 @@ def _config(args: argparse.Namespace, overrides: dict[str, str], *, default_out:
     return config
 
 
+def _auto_at(overrides: dict[str, str]) -> tuple[dict[str, str], bool]:
+    """The overrides without growth.at=auto, and whether it was given (it is resolved once the config is)."""
+    if overrides.get("growth.at", "").strip().lower() != "auto":
+        return overrides, False
+    return {key: value for key, value in overrides.items() if key != "growth.at"}, True
+
+
+def _calibrated(config: RunConfig, path: str, source_depth: int | None) -> RunConfig:
+    from depthgrow.calibrate import calibrated_step
+
+    step = calibrated_step(path, source_depth=source_depth, steps=config.train.steps)
+    print(f"growth.at=auto: step {step}, from {path}")
+    return config.with_overrides({"growth.at": str(step)})
+
+
 def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     if args.resume is not None and args.resume is not True:
         run_dir = Path(args.resume)
@@ -84,7 +99,10 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         if args.config is None:
             args.config = str(run_dir / CONFIG_NAME)
         overrides = {**overrides, "train.out_dir": str(run_dir)}
+    overrides, auto = _auto_at(overrides)
     config = _config(args, overrides)
+    if auto:
+        config = _calibrated(config, args.calibration, config.growth.source_depth)
     result = train(config, resume=args.resume is not None, overwrite=args.overwrite, stop_at=args.stop_at)
     if not result.is_main:  # under torchrun, rank 0 reports
         return 0 if result.finished or result.state.step == args.stop_at else INTERRUPTED_STATUS
@@ -104,7 +122,12 @@ def cmd_compare(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from depthgrow.compare import compare
 
     _check_mix_tolerance(args.mix_tolerance)
+    overrides, auto = _auto_at(overrides)
     config = _config(args, overrides, default_out=COMPARE_OUT)
+    if auto:
+        if len(args.sources) != 1:
+            raise DepthgrowError("growth.at=auto calibrates one source depth: give it alone, e.g. --sources 0")
+        config = _calibrated(config, args.calibration, args.sources[0])
     compare(config, sources=args.sources, overwrite=args.overwrite, mix_tolerance=args.mix_tolerance)
     return 0
 
@@ -112,6 +135,26 @@ def cmd_compare(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 def _check_mix_tolerance(tolerance: float) -> None:
     if not 0.0 <= tolerance < float("inf"):
         raise DepthgrowError(f"--mix-tolerance must be a finite fraction >= 0, got {tolerance}")
+
+
+def cmd_calibrate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from depthgrow.calibrate import calibrate, calibration_lines, write_calibration
+    from depthgrow.experiments import stored_run
+
+    _check_mix_tolerance(args.mix_tolerance)
+    config = _config(args, overrides)
+    out = Path(args.out)
+    result = calibrate(
+        config,
+        pilots=tuple(args.pilots),
+        tolerance=args.mix_tolerance,
+        stored=lambda run, label: stored_run(run, out / "runs", label),
+        resume_hint="the same depthgrow calibrate command",
+    )
+    print("\n".join(calibration_lines(result)))
+    path = write_calibration(result, out)
+    print(f"written to {path}; train with --growth.at auto --calibration {path}")
+    return 0
 
 
 def cmd_flops(args: argparse.Namespace, overrides: dict[str, str]) -> int:
@@ -297,6 +340,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, str]], int]] = {
     "train": cmd_train,
     "compare": cmd_compare,
     "flops": cmd_flops,
+    "calibrate": cmd_calibrate,
     "experiment": cmd_experiment,
     "export": cmd_export,
     "generate": cmd_generate,
@@ -356,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train_parser.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
     train_parser.add_argument("--stop-at", type=int, metavar="STEP", help="stop with a checkpoint after STEP steps")
+    _calibration_option(train_parser)
 
     compare_parser = command(
         "compare",
@@ -364,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare_parser.add_argument(
         "--sources",
-        type=_depth_list,
+        type=_int_list,
         default=[0, 1],
         metavar="DEPTHS",
         help="source depths of the progressive runs, comma-separated (default 0,1)",
@@ -375,6 +420,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace runs of another config in the output folder (runs of the same config are always reused)",
     )
     _mix_tolerance_option(compare_parser)
+    _calibration_option(compare_parser)
+    calibrate_help = "the paper's pilot for the expansion time: measure mixing, recommend tau = T - t_mix"
+    calibrate_parser = commands.add_parser(
+        "calibrate", help=calibrate_help, description=calibrate_help, allow_abbrev=False
+    )
+    calibrate_parser.add_argument("config", nargs="?", help="a TOML run config (the target run: its T, source)")
+    calibrate_parser.add_argument("--model", help=MODEL_HELP)
+    calibrate_parser.add_argument("--data", help="data.path of the target run")
+    calibrate_parser.add_argument("--out", default="results/calibrate", help="pilots and calibration.json go here")
+    calibrate_parser.add_argument(
+        "--pilots",
+        type=_int_list,
+        default=[500, 1000],
+        metavar="STEPS",
+        help="the pilots' horizons, comma-separated (default 500,1000: two measure how t_mix grows with T)",
+    )
+    _mix_tolerance_option(calibrate_parser)
 
     command(
         "flops",
@@ -484,6 +546,15 @@ def _prepare_parser(commands: argparse._SubParsersAction) -> None:
     hf.add_argument("--hf-text-field", default="text", metavar="COLUMN", help="the text column (default text)")
 
 
+def _calibration_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--calibration",
+        default="results/calibrate/calibration.json",
+        metavar="FILE",
+        help="what --growth.at auto reads: the step depthgrow calibrate recommends (default: %(default)s)",
+    )
+
+
 def _mix_tolerance_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mix-tolerance",
@@ -572,11 +643,11 @@ def _refuse_keys_set_by_command(command: str, overrides: dict[str, str]) -> None
             raise DepthgrowError(f"{command} does not take --{key}: {why}")
 
 
-def _depth_list(text: str) -> list[int]:
+def _int_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated depths, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -274,7 +274,8 @@ def config_hash(config: RunConfig) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _stored(config: RunConfig, store: Path, label: str) -> RunConfig:
+def stored_run(config: RunConfig, store: Path, label: str) -> RunConfig:
+    """``config`` placed in the content-addressed store under ``label``."""
     slug = re.sub(r"[^A-Za-z0-9_.=]+", "-", label).strip("-")
     out_dir = store / f"{slug}-{config_hash(config)}"
     return dataclasses.replace(config, train=dataclasses.replace(config.train, out_dir=str(out_dir)))
@@ -318,8 +319,8 @@ def run_experiment(
     rows, logs = [], {}
     frontiers: dict[str, Frontier | None] = {}  # by the baseline's run folder
     for variant in experiment.variants(full, base):
-        config = _stored(base.with_overrides(variant.overrides), store, variant.label)
-        baseline = _stored(fixed_depth(config, config.train.steps, Path()), store, "fixed")
+        config = stored_run(base.with_overrides(variant.overrides), store, variant.label)
+        baseline = stored_run(fixed_depth(config, config.train.steps, Path()), store, "fixed")
         summaries = {}
         for label, run in (("baseline", baseline), (variant.label, config)):
             summary = run_or_reuse(run, label=label, resume_hint=f"the same depthgrow experiment {name} command")
@@ -382,7 +383,7 @@ def run_scaling_experiment(
     store = Path(out) / "runs"
     rows, laws = scaling.run_scaling(
         rungs,
-        stored=lambda config, label: _stored(config, store, label),
+        stored=lambda config, label: stored_run(config, store, label),
         resume_hint=f"the same depthgrow experiment {SCALING} command",
     )
     folder = Path(out) / SCALING
@@ -409,7 +410,7 @@ def _frontier(baseline: RunConfig, summary: dict[str, Any], store: Path, name: s
         steps = round(fraction * baseline.train.steps)
         if not 0 < steps < baseline.train.steps:
             continue
-        shorter = _stored(fixed_depth(baseline, steps, Path()), store, f"fixed-T{steps}")
+        shorter = stored_run(fixed_depth(baseline, steps, Path()), store, f"fixed-T{steps}")
         done = run_or_reuse(
             shorter, label=f"fixed-T{steps}", resume_hint=f"the same depthgrow experiment {name} command"
         )

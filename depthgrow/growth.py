@@ -51,7 +51,8 @@ class GrowthConfig:
     source_depth: int | None = doc_field(None, "depth before growth; none: a fixed-depth run at model.n_layer")
     at: list[float] = doc_field(
         [0.8],
-        "expansion times, one per expansion: fractions of T below 1, whole steps from 1 (1.0 is refused as ambiguous)",
+        "expansion times, one per expansion: fractions of T below 1, whole steps from 1 (1.0 is refused as "
+        "ambiguous); on the command line auto: the step depthgrow calibrate recommends",
     )
     via: list[int] = doc_field([], "intermediate depths of a multi-stage run (ablation), e.g. 2 for 0 -> 2 -> L")
     init: Init = doc_field(

@@ -221,7 +221,7 @@ def test_an_interrupt_at_start_up_exits_quietly_with_130(tmp_path, sig, delay):
 ARGPARSE_ERRORS = {
     "bad --stop-at": (["train", "--stop-at", "x"], "argument --stop-at: invalid int value: 'x' (see depthgrow train"),
     "misspelt command": (["trian"], "invalid choice: 'trian'"),
-    "bad --sources": (["compare", "--sources", "a,b"], "expected comma-separated depths, got 'a,b'"),
+    "bad --sources": (["compare", "--sources", "a,b"], "expected comma-separated whole numbers, got 'a,b'"),
     "no command": ([], "the following arguments are required: COMMAND (see depthgrow --help)"),
     "unknown flag": (["train", "--bogus"], "unrecognized arguments: --bogus (see depthgrow train --help)"),
 }
