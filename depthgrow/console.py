@@ -17,16 +17,30 @@ from types import FrameType
 from depthgrow.errors import INTERRUPTED_MESSAGE, INTERRUPTED_STATUS
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
+class _Interrupts:
+    """The handler of SIGINT and SIGTERM until the trainer takes them over: it raises KeyboardInterrupt and
+    keeps the signals it received, because a KeyboardInterrupt raised inside a ``__del__`` or a library's
+    catch-all during the imports is swallowed there (seen in CI: the run then trained on); the command
+    checks ``received`` after the imports, and the trainer when it takes the signals over."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.received.append(signum)
+        raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; an interrupt anywhere (one the trainer has not turned into a stop) ends it here."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupts = _Interrupts()
+    signal.signal(signal.SIGTERM, interrupts)
+    signal.signal(signal.SIGINT, interrupts)
     try:
         from depthgrow.cli import main as cli_main
 
+        if interrupts.received:
+            raise KeyboardInterrupt
         return cli_main(argv)
     except KeyboardInterrupt:
         print(INTERRUPTED_MESSAGE, file=sys.stderr)

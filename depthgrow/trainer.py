@@ -178,6 +178,8 @@ def _stop_on_signals() -> Iterator[_StopRequest]:
     except ValueError:  # not the main thread: leave the signals as they are
         yield stop
         return
+    # a signal the command's own handler received but that was swallowed on the way (depthgrow.console)
+    stop.requested = any(getattr(handler, "received", None) for handler in previous.values())
     try:
         yield stop
     finally:

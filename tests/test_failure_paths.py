@@ -207,12 +207,16 @@ def test_an_interrupt_at_start_up_exits_quietly_with_130(tmp_path, sig, delay):
     process = subprocess.Popen(
         [sys.executable, "-m", "depthgrow", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.monotonic() + 30
-    while not handles_sigterm(process.pid) and time.monotonic() < deadline:
-        time.sleep(0.002)
-    time.sleep(delay)
-    os.kill(process.pid, sig)
-    _, err = process.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 30
+        while not handles_sigterm(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(delay)
+        os.kill(process.pid, sig)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()  # never left training when the test fails
+        process.communicate()
     assert process.returncode == 130, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "interrupted" in lines[0], err
