@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from depthgrow.analysis import closest_gap, eval_curve, last_growth_step, mixing_time
-from depthgrow.compare import fixed_depth, run_flops
+from depthgrow.compare import compute_fraction, fixed_depth
 from depthgrow.config import RunConfig
 from depthgrow.errors import DepthgrowError
-from depthgrow.flops import DEPTHGROW
 from depthgrow.metrics import LOG_NAME, read_log
 from depthgrow.trainer import run_or_reuse
 
@@ -107,8 +106,7 @@ def calibrate(
         return result
     recommended = target - t_mix
     grown = base.with_overrides({"growth.at": str(recommended)})
-    full = run_flops(dataclasses.replace(base, growth=dataclasses.replace(base.growth, source_depth=None)), DEPTHGROW)
-    result |= {"recommended_step": recommended, "compute_fraction": run_flops(grown, DEPTHGROW) / full}
+    result |= {"recommended_step": recommended, "compute_fraction": compute_fraction(grown)}
     return result
 
 

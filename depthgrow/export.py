@@ -36,6 +36,7 @@ from depthgrow.errors import DepthgrowError
 from depthgrow.metrics import LOG_NAME, read_log
 from depthgrow.models import FAMILIES, GPT2Config, LlamaConfig, ModelConfig, MoEConfig
 from depthgrow.models.llama import DecoderConfig
+from depthgrow.sampling import tokenizer_name
 from depthgrow.trainer import SUMMARY_NAME
 
 if TYPE_CHECKING:
@@ -544,7 +545,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, *, overwrite: boo
     adapter_for(config.family)  # first: a family without an export (an image model) has no tokenizer either
     # the tokenizer the checkpoint records having trained with, else the one its config means; built before
     # anything is written, so that one that cannot be made leaves no half-written folder
-    kind = checkpoint.get("tokenizer") or run.data.tokenizer_for(run.model.vocab_size)
+    kind = tokenizer_name(run, checkpoint.get("tokenizer"))
     tokenizer = _run_tokenizer(kind, run, checkpoint_path.parent)
     model = _to_hf_model(config, checkpoint["model"], tokenizer.eos_token_id)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -63,7 +63,7 @@ def run_tokenizer(config: RunConfig, run_dir: Path, recorded: str | None = None)
     """The tokenizer a run trained with: the one its checkpoint records, else the one its config means."""
     if config.model.task != "lm":
         raise DepthgrowError(f"{run_dir} holds an image model ({config.model.family}): it has no tokenizer")
-    name = recorded or config.data.tokenizer_for(config.model.vocab_size)
+    name = tokenizer_name(config, recorded)
     if name == "byte":
         return Tokenizer("byte", lambda text: list(text.encode("utf-8")), _decode_bytes, 256, None)
     if name == "gpt2":
@@ -83,6 +83,12 @@ def run_tokenizer(config: RunConfig, run_dir: Path, recorded: str | None = None)
         bpe.get_vocab_size(),
         bpe.token_to_id(END_OF_TEXT),
     )
+
+
+def tokenizer_name(config: RunConfig, recorded: str | None) -> str:
+    """byte, gpt2 or bpe: what the checkpoint records having trained with, else what the config means
+    (checkpoints written before they recorded it)."""
+    return recorded or config.data.tokenizer_for(config.model.vocab_size)
 
 
 def _decode_bytes(ids: list[int]) -> str:
