@@ -124,11 +124,14 @@ def cmd_compare(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     _check_mix_tolerance(args.mix_tolerance)
     overrides, auto = _auto_at(overrides)
     config = _config(args, overrides, default_out=COMPARE_OUT)
+    sources = args.sources
+    if sources is None:  # gstack and midas derive their source depth; the paper grows from 0 and 1
+        sources = [config.plan().initial_depth] if config.growth.method in ("gstack", "midas") else [0, 1]
     if auto:
-        if len(args.sources) != 1:
+        if len(sources) != 1:
             raise DepthgrowError("growth.at=auto calibrates one source depth: give it alone, e.g. --sources 0")
-        config = _calibrated(config, args.calibration, args.sources[0])
-    compare(config, sources=args.sources, overwrite=args.overwrite, mix_tolerance=args.mix_tolerance)
+        config = _calibrated(config, args.calibration, sources[0])
+    compare(config, sources=sources, overwrite=args.overwrite, mix_tolerance=args.mix_tolerance)
     return 0
 
 
@@ -160,7 +163,20 @@ def cmd_calibrate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 def cmd_flops(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     config = _config(args, overrides)
     model, train_config = config.model, config.train
-    sources = [config.growth.source_depth] if config.growth.source_depth is not None else [0, 1][: model.n_layer]
+    growth = config.growth
+    if growth.method != "bu" or growth.source_depth is not None:
+        plans = [config.plan()]
+    else:  # the paper's two sources, at the given expansion times
+        plans = [
+            growth_plan(
+                source_depth=source,
+                via=growth.via,
+                at=growth.at,
+                target_depth=model.n_layer,
+                total_steps=train_config.steps,
+            )
+            for source in [0, 1][: model.n_layer]
+        ]
     units_per_step = train_config.batch_size * model.units_per_example()
     print(
         f"{config.model_preset or model.family}: {model.n_layer} layers, {model.num_params() / 1e6:,.2f}M parameters; "
@@ -169,14 +185,7 @@ def cmd_flops(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     header = f"{'counting':<10} {'growth':<22} {'N small':>10} {'N large':>10} {'fixed FLOPs':>12} "
     header += f"{'progr. FLOPs':>12} {'fraction':>9} {'speedup':>8}"
     print(header)
-    for source in sources:
-        plan = growth_plan(
-            source_depth=source,
-            via=config.growth.via,
-            at=config.growth.at,
-            target_depth=model.n_layer,
-            total_steps=train_config.steps,
-        )
+    for plan in plans:
         chain = " -> ".join(map(str, plan.depths)) + " at " + ", ".join(map(str, plan.steps))
         for counting in (DEPTHGROW, PAPER):
             c = compare_compute(
@@ -410,9 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser.add_argument(
         "--sources",
         type=_int_list,
-        default=[0, 1],
+        default=None,
         metavar="DEPTHS",
-        help="source depths of the progressive runs, comma-separated (default 0,1)",
+        help="source depths of the progressive runs, comma-separated (default 0,1; gstack and midas: the one they "
+        "derive, n_layer / growth.stack_factor)",
     )
     compare_parser.add_argument(
         "--overwrite",

@@ -142,7 +142,8 @@ def _row(
         "name": name,
         "steps": summary["step"],
         "source_depth": config.growth.source_depth,
-        "init": None if config.growth.source_depth is None else config.growth.init,
+        "method": None if config.growth.source_depth is None else config.growth.method,
+        "init": None if config.growth.source_depth is None else config.plan().init,
         "growth_steps": summary["growth_steps"],
         "final_val_loss": summary["final_val_loss"],
         "gap_pct": 100.0 * (summary["final_val_loss"] / fixed["final_val_loss"] - 1.0),
@@ -259,7 +260,8 @@ def multiplier_text(row: dict[str, Any]) -> str:
 def _growth_text(row: dict[str, Any]) -> str:
     if row["source_depth"] is None:
         return "fixed depth"
-    return f"{row['source_depth']} -> L at {', '.join(map(str, row['growth_steps']))} ({row['init']})"
+    method = "" if row.get("method", "bu") == "bu" else f"{row['method']} "  # summaries before methods have none
+    return f"{method}{row['source_depth']} -> L at {', '.join(map(str, row['growth_steps']))} ({row['init']})"
 
 
 def _mixing_text(row: dict[str, Any]) -> str:

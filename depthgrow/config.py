@@ -24,10 +24,11 @@ from depthgrow.data import DataConfig
 from depthgrow.docfield import doc_field, field_doc
 from depthgrow.errors import DepthgrowError
 from depthgrow.growth import GrowthConfig, ambiguous_at
+from depthgrow.methods import method_plan
 from depthgrow.models import FAMILIES, ModelConfig
 from depthgrow.optim import OptimConfig
 from depthgrow.presets import preset
-from depthgrow.schedule import GrowthPlan, ScheduleConfig, growth_plan
+from depthgrow.schedule import GrowthPlan, ScheduleConfig
 
 DEFAULT_PRESET = "gpt2-micro-bpe"
 LOGGERS = ("tensorboard", "wandb")  # the optional trackers
@@ -170,13 +171,7 @@ class RunConfig:
 
     def plan(self) -> GrowthPlan:
         """The depth plan of this run (raises :class:`DepthgrowError` if the growth section is invalid)."""
-        return growth_plan(
-            source_depth=self.growth.source_depth,
-            via=self.growth.via,
-            at=self.growth.at,
-            target_depth=self.model.n_layer,
-            total_steps=self.train.steps,
-        )
+        return method_plan(self.growth, target_depth=self.model.n_layer, total_steps=self.train.steps)
 
     def with_overrides(self, overrides: dict[str, str]) -> RunConfig:
         """This config with dotted ``overrides`` applied (as on the command line), validated."""

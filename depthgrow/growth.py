@@ -15,6 +15,8 @@ init            slot i of L                                      new blocks' res
 ``copy_zero``   block i mod k                                     zeroed in the copies
 ``copy_inter``  block floor(i·k/L) (each repeated in place)       copied
 ``copy_last``   block i for i < k, else block k-1                 copied
+``copy_middle`` the middle L-k blocks repeated in place (MIDAS:   copied
+                0,1,2,3 -> 0,1,2,1,2,3), needs L-k <= k
 ==============  ===============================================  ========================================
 
 The first slot that takes a source block keeps that very block (its parameters survive under the new
@@ -40,14 +42,24 @@ from torch.optim import Optimizer
 from depthgrow.docfield import doc_field
 from depthgrow.optim import OptimizerChain, as_optimizer_list, build_optimizer, check_coverage
 
-Init = Literal["random", "copy", "copy_inter", "copy_last", "zero", "copy_zero"]
+Init = Literal["random", "copy", "copy_inter", "copy_last", "copy_middle", "zero", "copy_zero"]
 INITS: tuple[str, ...] = get_args(Init)
-COPY_INITS = ("copy", "copy_inter", "copy_last", "copy_zero")
+COPY_INITS = ("copy", "copy_inter", "copy_last", "copy_middle", "copy_zero")
 ZEROED_INITS = ("zero", "copy_zero")
+
+
+Method = Literal["bu", "gstack", "midas", "msg", "lemon"]
+METHODS: tuple[str, ...] = get_args(Method)
 
 
 @dataclass(kw_only=True)
 class GrowthConfig:
+    method: Method = doc_field(
+        "bu",
+        "how the run grows (depthgrow.methods): bu (the paper's: source_depth -> n_layer once, at growth.at), "
+        "gstack (a source of n_layer/stack_factor blocks stacked), midas (stages duplicating the middle blocks), "
+        "msg (new blocks' outputs ramped in from 0) or lemon (function-preserving, then a decay from the growth)",
+    )
     source_depth: int | None = doc_field(None, "depth before growth; none: a fixed-depth run at model.n_layer")
     at: list[float] = doc_field(
         [0.8],
@@ -58,13 +70,28 @@ class GrowthConfig:
     init: Init = doc_field(
         "random",
         "how new slots are filled: random or zero (fresh blocks; zero: their residual outputs zeroed), copy, "
-        "copy_zero, copy_inter or copy_last (from the trained blocks); see depthgrow.growth",
+        "copy_zero, copy_inter, copy_last or copy_middle (from the trained blocks); see depthgrow.growth",
     )
     copy_optimizer_state: bool = doc_field(False, "copied blocks also copy their source's optimizer state")
+    stack_factor: int = doc_field(
+        4,
+        "gstack: g, the source of n_layer/g blocks is stacked g-fold; midas: the number of stages, each adding "
+        "n_layer/g blocks (the source depth is n_layer/g for both)",
+    )
+    prop_alpha: float = doc_field(
+        1.0, "midas: stage i of k lasts a share of T proportional to i**prop_alpha (1: PROP-1, stages 1:2:3:4)"
+    )
+    ramp: float = doc_field(
+        0.05,
+        "msg: how long the new blocks' residual outputs take to rise from 0 to 1 after each expansion: whole "
+        "steps from 1, or a fraction of T below 1",
+    )
 
     def __post_init__(self) -> None:
         # a step is kept a whole number, so that a saved config spells it as one (1, not the ambiguous 1.0)
         self.at = [int(value) if value >= 1 and float(value).is_integer() else value for value in self.at]
+        if self.ramp >= 1 and float(self.ramp).is_integer():
+            self.ramp = int(self.ramp)
 
     def problems(self) -> list[str]:
         if not all(math.isfinite(value) for value in self.at):
@@ -117,7 +144,19 @@ def slot_sources(init: str, source_depth: int, target_depth: int) -> list[int | 
         return [i * k // L for i in range(L)]
     if init == "copy_last":
         return [*range(k), *[k - 1] * (L - k)]
+    if init == "copy_middle":
+        added = L - k
+        if added > k:
+            raise ValueError(f"init copy_middle duplicates {added} middle blocks, but the model has only {k}")
+        start = (k - added) // 2
+        return [*range(start + added), *range(start, start + added), *range(start + added, k)]
     raise ValueError(f"unknown init {init!r}; choose one of: {', '.join(INITS)}")
+
+
+def new_slots(sources: list[int | None]) -> list[int]:
+    """The slots of a grown stack that hold a new block: a fresh one or a copy (the first slot that takes
+    a source block keeps that very block)."""
+    return [index for index, source in enumerate(sources) if source is None or sources.index(source) != index]
 
 
 def grow(
@@ -154,6 +193,7 @@ def grow(
     model.config = model.config.with_depth(target_depth)
     for prefix, stack in model.block_stacks().items():
         sources = slot_sources(init, len(stack), target_depth)
+        added = set(new_slots(sources))
         blocks: list[nn.Module] = []
         kept: set[int] = set()
         for index, source in enumerate(sources):
@@ -167,7 +207,7 @@ def grow(
                 block = copy.deepcopy(stack[source])
                 for suffix, _ in block.named_parameters():
                     copied_from[f"{prefix}.{index}.{suffix}"] = f"{prefix}.{source}.{suffix}"
-            if init in ZEROED_INITS and (source is None or index != sources.index(source)):
+            if init in ZEROED_INITS and index in added:
                 _zero_(model.residual_projections(block))
             blocks.append(block)
         parent_name, _, attribute = prefix.rpartition(".")

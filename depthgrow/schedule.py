@@ -80,13 +80,37 @@ def lr_multiplier(step: int, total_steps: int, config: ScheduleConfig) -> float:
 @dataclass(frozen=True)
 class GrowthPlan:
     """Depth as a step function of the step: ``depths[i]`` from ``steps[i-1]`` (or 0) on; ``steps[i]``
-    is the step at whose start the model grows from ``depths[i]`` to ``depths[i+1]``."""
+    is the step at whose start the model grows from ``depths[i]`` to ``depths[i+1]``, filling the new
+    slots by ``init``. A growth method (depthgrow.methods) may add a ramp (the new blocks' residual
+    outputs scaled from 0 to 1 over ``ramp_steps`` steps after each expansion) and a learning rate that
+    decays from the last expansion to the end of the run."""
 
     depths: tuple[int, ...]
     steps: tuple[int, ...]
+    init: str = "random"
+    ramp_steps: int = 0
+    decay_from_growth: bool = False
 
     def depth_at(self, step: int) -> int:
         return self.depths[bisect.bisect_right(self.steps, step)]
+
+    def ramp_at(self, step: int) -> tuple[int, float] | None:
+        """During a ramp, the expansion it follows (its index in ``steps``) and the scale of the new blocks'
+        outputs at ``step``: 0 at the expansion step, rising linearly to 1 ``ramp_steps`` steps later."""
+        done = bisect.bisect_right(self.steps, step)
+        if not self.ramp_steps or done == 0 or step - self.steps[done - 1] >= self.ramp_steps:
+            return None
+        return done - 1, (step - self.steps[done - 1]) / self.ramp_steps
+
+    def lr_multiplier(self, step: int, total_steps: int, schedule: ScheduleConfig) -> float:
+        """The schedule's multiplier at ``step``; with ``decay_from_growth``, from the last expansion on a
+        linear decay from the multiplier there to ``final_lr_frac`` at T."""
+        if not (self.decay_from_growth and self.steps and step >= self.steps[-1]):
+            return lr_multiplier(step, total_steps, schedule)
+        start = self.steps[-1]
+        peak = lr_multiplier(start, total_steps, schedule)
+        progress = (step - start) / (total_steps - start)
+        return peak + (schedule.final_lr_frac - peak) * progress
 
     @property
     def initial_depth(self) -> int:
@@ -98,7 +122,13 @@ class GrowthPlan:
 
 
 def growth_plan(
-    *, source_depth: int | None, via: list[int], at: list[float], target_depth: int, total_steps: int
+    *,
+    source_depth: int | None,
+    via: list[int],
+    at: list[float],
+    target_depth: int,
+    total_steps: int,
+    init: str = "random",
 ) -> GrowthPlan:
     """Resolve a growth config into a plan, or raise :class:`DepthgrowError` saying what is wrong.
 
@@ -107,7 +137,7 @@ def growth_plan(
     lists the intermediate depths of a multi-stage run (0 -> 2 -> 12 is ``source_depth=0, via=[2]``).
     """
     if source_depth is None:
-        return GrowthPlan(depths=(target_depth,), steps=())
+        return GrowthPlan(depths=(target_depth,), steps=(), init=init)
     depths = (source_depth, *via, target_depth)
     if source_depth < 0:
         raise DepthgrowError(f"growth.source_depth must be >= 0, got {source_depth}")
@@ -137,7 +167,7 @@ def growth_plan(
         steps.append(step)
     if any(a >= b for a, b in zip(steps, steps[1:], strict=False)):
         raise DepthgrowError(f"growth.at must give increasing steps, got steps {steps}")
-    return GrowthPlan(depths=depths, steps=tuple(steps))
+    return GrowthPlan(depths=depths, steps=tuple(steps), init=init)
 
 
 def extension_problem(
@@ -159,13 +189,13 @@ def extension_problem(
     """
     if new_total < old_total:
         return f"a run can be extended, not shortened (train.steps {old_total} -> {new_total})"
-    previous = lr_multiplier(step - 1, old_total, schedule) if step > 0 else 0.0
+    previous = old_plan.lr_multiplier(step - 1, old_total, schedule) if step > 0 else 0.0
     warmup_steps = round(schedule.warmup * old_total)
     if step > warmup_steps and previous < 1.0:
         return (
             f"its {schedule.name} learning rate had begun to fall (to {previous:.3g} of its peak at step {step}); "
-            f"the longer schedule would lift it to {lr_multiplier(step, new_total, schedule):.3g}. Extend a run "
-            f"before its decay (stop it there with --stop-at), or start a new one"
+            f"the longer schedule would lift it to {new_plan.lr_multiplier(step, new_total, schedule):.3g}. Extend a "
+            f"run before its decay (stop it there with --stop-at), or start a new one"
         )
     done = old_plan.depths.index(depth)  # expansions made so far
     if old_plan.steps[:done] != new_plan.steps[:done]:
@@ -177,4 +207,9 @@ def extension_problem(
         )
     if done < len(new_plan.steps) and new_plan.steps[done] < step:
         return f"the next expansion would fall at step {new_plan.steps[done]}, before the run's step {step}"
+    if old_plan.ramp_at(step) is not None and new_plan.ramp_steps != old_plan.ramp_steps:
+        return (
+            f"the new blocks' ramp, under way, would change from {old_plan.ramp_steps} to {new_plan.ramp_steps} steps "
+            f"with T = {new_total}; keep it with --growth.ramp {old_plan.ramp_steps}"
+        )
     return None

@@ -68,10 +68,11 @@ from depthgrow.errors import DepthgrowError, Diverged, OutputWriteError
 from depthgrow.flops import DEPTHGROW, peak_tflops
 from depthgrow.growth import grow
 from depthgrow.guard import DivergenceGuard
+from depthgrow.masking import ResidualRamp, updated_ramp
 from depthgrow.metrics import LOG_NAME, JsonlLog, Progress
 from depthgrow.models import build_model
 from depthgrow.optim import OptimizerChain, build_optimizer
-from depthgrow.schedule import GrowthPlan, extension_problem, lr_multiplier
+from depthgrow.schedule import GrowthPlan, extension_problem
 from depthgrow.trackers import Trackers
 
 if TYPE_CHECKING:
@@ -194,9 +195,12 @@ def _check_out_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> tuple
     checkpoint_path = out_dir / CHECKPOINT_NAME
     if resume:
         checkpoint = load_checkpoint(checkpoint_path)
-        changes = config_changes(checkpoint["config"], config.to_dict(), ignore=RESUME_FREE_KEYS)
-        # a longer train.steps extends the run; growth.at may then change to keep the expansions made
-        extending = {"train.steps", "growth.at"} if "train.steps" in changes else set()
+        # read through RunConfig, so that keys added since the checkpoint was written take their defaults
+        saved = RunConfig.from_dict(checkpoint["config"]).to_dict()
+        changes = config_changes(saved, config.to_dict(), ignore=RESUME_FREE_KEYS)
+        # a longer train.steps extends the run; growth.at and growth.ramp may then change to keep the expansions
+        # made and a ramp under way as they were
+        extending = {"train.steps", "growth.at", "growth.ramp"} if "train.steps" in changes else set()
         refused = [
             f"{key} ({old!r} in the checkpoint, {new!r} now)"
             for key, (old, new) in changes.items()
@@ -287,6 +291,11 @@ class _Run:
     launcher: str  # "torchrun ... -m " before "depthgrow" under torchrun
     resume_hint: str | None  # the command that resumes this run when it is not a plain train (compare)
     compile_pending: bool = False  # the next step compiles: its time is compile time
+    ramp: ResidualRamp | None = None  # msg's mask on the new blocks, while it ramps up
+
+    def update_ramp(self) -> None:
+        """Set the new blocks' mask for the coming forward passes (growth methods with a ramp)."""
+        self.ramp = updated_ramp(self.ramp, plain_module(self.model), self.plan, self.state.step)
 
     @property
     def resume_command(self) -> str:
@@ -305,7 +314,8 @@ class _Run:
         """One optimizer step on this rank's share of the global batch; return the loss over the global
         batch and whether any rank was asked to stop (one all-reduce carries both)."""
         total = self.config.train.steps
-        self.optimizer.set_lr_multiplier(lr_multiplier(self.state.step, total, self.config.schedule))
+        self.optimizer.set_lr_multiplier(self.plan.lr_multiplier(self.state.step, total, self.config.schedule))
+        self.update_ramp()
         started = time.perf_counter()
         x, y = self.batches.train_batch(self.state.step)
         x, y = self.world.shard(x).to(self.device), self.world.shard(y).to(self.device)
@@ -362,6 +372,7 @@ class _Run:
         }
 
     def evaluate(self, phase: str | None = None) -> float:
+        self.update_ramp()
         val_loss, accuracy = evaluate(
             self.model, self.val_batches, self.device, world=self.world, autocast=self.autocast()
         )
@@ -390,7 +401,7 @@ class _Run:
             model,
             optimizer,
             target_depth,
-            growth.init,
+            self.plan.init,
             seed=self.config.train.seed,
             copy_optimizer_state=growth.copy_optimizer_state,
         )
@@ -405,7 +416,8 @@ class _Run:
                 step=self.state.step,
                 from_depth=source_depth,
                 to_depth=target_depth,
-                init=growth.init,
+                method=growth.method,
+                init=self.plan.init,
                 seconds=seconds,
                 val_loss_before=before,
                 val_loss_after=after,
@@ -661,7 +673,12 @@ def _header(
     params = ", ".join(f"{f'{n / 1e6:,.2f}M' if n >= 1e6 else f'{n:,}'} at depth {d}" for d, n in counts.items())
     if plan.steps:
         chain = " -> ".join(map(str, plan.depths))
-        growth = f"grows {chain} layers at step {', '.join(map(str, plan.steps))} (init {config.growth.init})"
+        growth = f"grows {chain} layers at step {', '.join(map(str, plan.steps))} (init {plan.init}"
+        if plan.ramp_steps:
+            growth += f", new blocks ramped in over {plan.ramp_steps} steps"
+        if plan.decay_from_growth:
+            growth += ", the learning rate decaying from the last expansion"
+        growth += f"; method {config.growth.method})"
     else:
         growth = f"fixed depth {plan.target_depth}"
     train = config.train

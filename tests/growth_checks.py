@@ -11,8 +11,14 @@ OPTIMIZERS = {
     "adamw": OptimConfig(name="adamw", lr=1e-2),
     "muon-nsgd": OptimConfig(name="muon-nsgd", lr=2e-2, weight_decay=0.01),
 }
-# every init from every source depth it applies to: a zero-layer source has nothing to copy
-CASES = [(s, init) for s in (0, 1, 2) for init in INITS if s > 0 or init in ("random", "zero")]
+# every init from every source depth it applies to (growing to 4 blocks): a zero-layer source has nothing
+# to copy, and copy_middle duplicates at most every block, so it grows 2 -> 4 but not 1 -> 4
+CASES = [
+    (s, init)
+    for s in (0, 1, 2)
+    for init in INITS
+    if (s > 0 or init in ("random", "zero")) and (init != "copy_middle" or s >= 2)
+]
 FUNCTION_PRESERVING = ("zero", "copy_zero")
 
 

@@ -2,13 +2,13 @@
 checkpoints that change world size on resume."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from launch import RTOL, assert_same_losses, curve, launch_env, single, torchrun
 from torch import nn
 
 from depthgrow import DepthgrowError, load_config, train
@@ -22,42 +22,6 @@ RUN = [
     "--model", "gpt2-test", "--train.steps", "12", "--train.batch_size", "8", "--train.eval_every", "4",
     "--train.eval_batches", "2", "--train.checkpoint_every", "3", "--growth.source_depth", "0", "--growth.at", "5",
 ]  # fmt: skip
-# reductions over 2 ranks add in another order than one process, and torch's Muon orthogonalises in
-# bfloat16: on a sharded matrix each rank's partial product is rounded to bfloat16 before the sum, so the
-# updates differ by bfloat16 rounding (up to 6e-4 relative in the loss after 12 steps of moe-test; with
-# the Newton-Schulz iteration patched to float32 the two agree to 1e-7)
-RTOL = 1e-3
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    return subprocess.run(
-        [*command, "-m", "depthgrow", "train", *args], capture_output=True, text=True, env=_env(), timeout=300
-    )
-
-
-def single(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "depthgrow", "train", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
-
-
-def curve(run_dir) -> list[tuple[str, int, float]]:
-    return [
-        (r["event"], r["step"], r["loss"] if r["event"] == "train" else r["val_loss"])
-        for r in read_log(run_dir / "log.jsonl")
-        if r["event"] in ("train", "eval")
-    ]
-
-
-def assert_same_losses(run_dir, reference_dir) -> None:
-    got, expected = curve(run_dir), curve(reference_dir)
-    assert [point[:2] for point in got] == [point[:2] for point in expected]  # rank 0 alone logged, once
-    for (_, step, loss), (_, _, reference) in zip(got, expected, strict=True):
-        assert loss == pytest.approx(reference, rel=RTOL), f"step {step}"
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +146,9 @@ def test_an_error_on_one_rank_ends_the_run_instead_of_hanging(tmp_path):
     script.write_text(FAIL_ON_RANK_0)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     args = ["train", *RUN, "--train.parallel", "fsdp", "--out", str(tmp_path / "run")]
-    process = subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    process = subprocess.Popen(
+        [*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launch_env()
+    )
     try:
         _, stderr = process.communicate(timeout=90)
     except subprocess.TimeoutExpired:

@@ -1,7 +1,8 @@
 import pytest
 import torch
+from growth_checks import CASES
 
-from depthgrow import INITS, GPT2Config, OptimConfig, build_model, build_optimizer, grow
+from depthgrow import GPT2Config, OptimConfig, build_model, build_optimizer, grow
 from depthgrow.growth import slot_sources
 from depthgrow.optim import as_optimizer_list, check_coverage
 from depthgrow.trainer import loss_fn
@@ -63,13 +64,6 @@ def grow_as(model, optimizer, init, make_optimizer, **options):
     return grow(model, optimizer, 4, init, seed=SEED, **options)
 
 
-def applicable(source_depth: int):
-    return [init for init in INITS if source_depth > 0 or init in ("random", "zero")]
-
-
-CASES = [(s, init) for s in (0, 1, 2) for init in applicable(s)]
-
-
 def test_slot_sources_follow_the_documented_orders():
     assert slot_sources("random", 1, 4) == [0, None, None, None]
     assert slot_sources("zero", 0, 3) == [None, None, None]
@@ -78,6 +72,7 @@ def test_slot_sources_follow_the_documented_orders():
     assert slot_sources("copy_inter", 2, 5) == [0, 0, 0, 1, 1]
     assert slot_sources("copy_inter", 3, 8) == [0, 0, 0, 1, 1, 1, 2, 2]
     assert slot_sources("copy_last", 2, 5) == [0, 1, 1, 1, 1]
+    assert slot_sources("copy_middle", 3, 5) == [0, 1, 0, 1, 2]
     with pytest.raises(ValueError, match="random or zero"):
         slot_sources("copy", 0, 4)
 

