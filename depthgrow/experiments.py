@@ -23,14 +23,14 @@ from typing import Any, Literal
 
 from depthgrow.analysis import DEFAULT_MIX_TOLERANCE, closest_gap, eval_curve, last_growth_step, mixing_time
 from depthgrow.compare import fixed_depth, multiplier_fields, multiplier_text, run_flops
-from depthgrow.config import RunConfig, TrainConfig, load_config
+from depthgrow.config import RunConfig, load_config
 from depthgrow.errors import DepthgrowError
 from depthgrow.flops import PAPER
 from depthgrow.frontier import Frontier, fit_frontier
 from depthgrow.metrics import LOG_NAME, read_log
 from depthgrow.trainer import run_or_reuse
 
-PlotKind = Literal["curves", "sweep", "pareto", "lr", "regime"]
+PlotKind = Literal["curves", "methods", "sweep", "pareto", "lr", "regime"]
 
 
 @dataclass(frozen=True)
@@ -181,6 +181,46 @@ def _lr_variants(full: bool, base: RunConfig) -> list[Variant]:
     ]
 
 
+# G_stack's growth after ~10B of the 7B model's 300B tokens (Du et al. 2024): its fitted formula
+# (depthgrow.methods.gstack_growth_tokens) exceeds any budget far below the 410M-7B models it was fitted on
+GSTACK_AT = 0.033
+
+
+def _method_variants(full: bool, base: RunConfig) -> list[Variant]:
+    """Each growth method at its paper's settings; ``--full`` adds other settings per method and a target
+    twice as deep (its variants in a series of their own, with their own baseline)."""
+
+    def method(name: str, **settings: str) -> dict[str, str]:
+        return {"growth.method": name, **{f"growth.{key}": value for key, value in settings.items()}}
+
+    main = [
+        Variant("bu 0 -> L at 0.8", method("bu", source_depth="0", at="0.8", init="random")),
+        Variant("bu 1 -> L at 0.8 copy", method("bu", source_depth="1", at="0.8", init="copy")),
+        Variant(f"gstack L/4 -> L at {GSTACK_AT}", method("gstack", at=str(GSTACK_AT))),
+        Variant("midas L/4 stages PROP-1", method("midas")),
+        Variant("msg 1 -> L at 0.8", method("msg", source_depth="1", at="0.8", init="random")),
+        Variant("lemon 1 -> L at 0.8", method("lemon", source_depth="1", at="0.8")),
+    ]
+    if not full:
+        return main
+    more = [
+        Variant("bu 1 -> L at 0.5 copy", method("bu", source_depth="1", at="0.5", init="copy")),
+        *[Variant(f"gstack L/4 -> L at {at}", method("gstack", at=at)) for at in ("0.1", "0.25", "0.5")],
+        Variant("gstack L/2 -> L at 0.25", method("gstack", stack_factor="2", at="0.25")),
+        *[Variant(f"midas L/4 stages PROP-{alpha}", method("midas", prop_alpha=alpha)) for alpha in ("0", "2")],
+        Variant("msg 0 -> L at 0.8", method("msg", source_depth="0", at="0.8", init="random")),
+        Variant("msg 1 -> L at 0.5", method("msg", source_depth="1", at="0.5", init="random")),
+        Variant("msg 1 -> L at 0.8 ramp 0.15", method("msg", source_depth="1", at="0.8", init="random", ramp="0.15")),
+        Variant("lemon 1 -> L at 0.5", method("lemon", source_depth="1", at="0.5")),
+    ]
+    depth = str(2 * base.model.n_layer)
+    deeper = [
+        Variant(f"{v.label} ({depth} layers)", {**v.overrides, "model.n_layer": depth}, series=f"{depth} layers")
+        for v in main
+    ]
+    return main + more + deeper
+
+
 EXPERIMENTS: dict[str, Experiment] = {
     e.name: e
     for e in (
@@ -240,6 +280,14 @@ EXPERIMENTS: dict[str, Experiment] = {
             x_label="total steps T (the expansion at 0.8 T)",
         ),
         Experiment(
+            "methods",
+            "which depth-growth method saves compute against fixed-depth runs given the same FLOPs: the paper's "
+            "(bu), G_stack, MIDAS, MSG or LEMON, each at its paper's settings?",
+            "methods",
+            _method_variants,
+            base=lambda full: {"model.n_layer": "8"},
+        ),
+        Experiment(
             "lr",
             "which peak learning rate is best, for the fixed-depth baseline and the progressive runs alike?",
             "lr",
@@ -258,19 +306,24 @@ SCALING_QUESTION = (
 NAMES = (*EXPERIMENTS, SCALING)
 
 
-# train fields that came after runs were first stored: part of a run's identity only when set away from
-# their defaults, so that the runs stored before them are still found
-_LATER_TRAIN_FIELDS = ("parallel", "compile", "precision", "peak_tflops", "loggers")
+# fields that came after runs were first stored: part of a run's identity only when set away from their
+# defaults, so that the runs stored before them are still found
+_LATER_FIELDS = {
+    "train": ("parallel", "compile", "precision", "peak_tflops", "loggers"),
+    "growth": ("method", "stack_factor", "prop_alpha", "ramp"),
+}
 
 
 def config_hash(config: RunConfig) -> str:
-    defaults = TrainConfig()
-    train = {
-        key: value
-        for key, value in dataclasses.asdict(config.train).items()
-        if not (key in _LATER_TRAIN_FIELDS and value == getattr(defaults, key))
-    }
-    identity = {**config.to_dict(), "train": {**train, "out_dir": None}}
+    identity = config.to_dict()
+    for section, names in _LATER_FIELDS.items():
+        defaults = type(getattr(config, section))()
+        identity[section] = {
+            key: value
+            for key, value in identity[section].items()
+            if not (key in names and value == getattr(defaults, key))
+        }
+    identity["train"]["out_dir"] = None
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -318,6 +371,7 @@ def run_experiment(
     store = out / "runs"
     rows, logs = [], {}
     frontiers: dict[str, Frontier | None] = {}  # by the baseline's run folder
+    baselines: dict[str, RunConfig] = {}  # by run folder, in the order of first use
     for variant in experiment.variants(full, base):
         config = stored_run(base.with_overrides(variant.overrides), store, variant.label)
         baseline = stored_run(fixed_depth(config, config.train.steps, Path()), store, "fixed")
@@ -334,7 +388,9 @@ def run_experiment(
         run_log = read_log(Path(config.train.out_dir) / LOG_NAME)
         baseline_log = read_log(Path(baseline.train.out_dir) / LOG_NAME)
         logs[variant.label] = run_log
-        logs.setdefault(f"fixed {variant.series}".strip(), baseline_log)  # one baseline per series
+        if baseline.train.out_dir not in baselines:  # each baseline once, named by its first series
+            baselines[baseline.train.out_dir] = baseline
+            logs[f"fixed {variant.series}".strip()] = baseline_log
         baseline_summary = summaries["baseline"]
         row = _row(variant, config, summaries[variant.label], baseline_summary, run_log, baseline_log, mix_tolerance)
         paper, paper_full = run_flops(config, PAPER), run_flops(baseline, PAPER)
@@ -364,6 +420,11 @@ def run_experiment(
             plot.plot_regime(rows, folder / "plot.png", title=title, x_label=experiment.x_label)
         elif experiment.plot == "pareto":
             plot.plot_pareto(rows, folder / "plot.png", title=title)
+        elif experiment.plot == "methods":  # the first baseline's frontier, with its shorter runs in grey
+            first = next(iter(baselines.values()))
+            shorter = {name: read_log(Path(run.train.out_dir) / LOG_NAME) for name, run in _shorter_runs(first, store)}
+            frontier = frontiers[first.train.out_dir]
+            plot.plot_compare({**logs, **shorter}, folder / "plot.png", title=title, frontier=frontier)
         else:
             plot.plot_compare(logs, folder / "plot.png", title=title)
         print(f"plot: {folder / 'plot.png'}")
@@ -403,17 +464,21 @@ def run_scaling_experiment(
 FRONTIER_FRACTIONS = (0.25, 0.5, 0.75)
 
 
+def _shorter_runs(baseline: RunConfig, store: Path) -> list[tuple[str, RunConfig]]:
+    """The shorter fixed-depth runs of ``baseline`` that trace its frontier, with their labels."""
+    runs = []
+    for fraction in FRONTIER_FRACTIONS:
+        steps = round(fraction * baseline.train.steps)
+        if 0 < steps < baseline.train.steps:
+            runs.append((f"fixed-T{steps}", stored_run(fixed_depth(baseline, steps, Path()), store, f"fixed-T{steps}")))
+    return runs
+
+
 def _frontier(baseline: RunConfig, summary: dict[str, Any], store: Path, name: str) -> Frontier | None:
     """The fixed-depth frontier of ``baseline``: it and shorter runs of it, each with its own schedule."""
     points = [(summary["flops"], summary["final_val_loss"])]
-    for fraction in FRONTIER_FRACTIONS:
-        steps = round(fraction * baseline.train.steps)
-        if not 0 < steps < baseline.train.steps:
-            continue
-        shorter = stored_run(fixed_depth(baseline, steps, Path()), store, f"fixed-T{steps}")
-        done = run_or_reuse(
-            shorter, label=f"fixed-T{steps}", resume_hint=f"the same depthgrow experiment {name} command"
-        )
+    for label, shorter in _shorter_runs(baseline, store):
+        done = run_or_reuse(shorter, label=label, resume_hint=f"the same depthgrow experiment {name} command")
         if done is None:
             raise KeyboardInterrupt
         points.append((done["flops"], done["final_val_loss"]))
@@ -440,8 +505,9 @@ def _row(
         "label": variant.label,
         "series": variant.series,
         "x": variant.x,
-        "source_depth": config.growth.source_depth,
-        "init": config.growth.init,
+        "method": config.growth.method,
+        "source_depth": config.plan().initial_depth,
+        "init": config.plan().init,
         "schedule": config.schedule.name,
         "optimizer": config.optim.name,
         "growth_steps": summary["growth_steps"],

@@ -6,6 +6,7 @@ import pytest
 from depthgrow import load_config
 from depthgrow.cli import SET_BY_COMMAND, main
 from depthgrow.experiments import DEFAULT_GRID, EXPERIMENTS, config_hash, experiment_base
+from depthgrow.methods import METHOD_INIT
 
 TINY = [
     "--model", "gpt2-test", "--model.n_layer=4", "--train.steps=40", "--train.batch_size=4",
@@ -22,10 +23,12 @@ def test_every_variant_of_every_grid_is_a_valid_config(name, full):
     variants = experiment.variants(full, base)
     assert len({v.label for v in variants}) == len(variants)
     configs = [base.with_overrides(v.overrides) for v in variants]
-    assert all(c.growth.source_depth is not None for c in configs)
-    # the growth keys `depthgrow experiment` refuses, as every variant sets its own
+    assert all(c.plan().steps for c in configs)  # every variant grows
+    # the growth keys `depthgrow experiment` refuses, as every variant sets its own (a method that fixes its
+    # init and may derive its source depth and times - gstack, midas, lemon - sets the method instead)
     set_by_variants = {key for key in SET_BY_COMMAND["experiment"] if key.startswith("growth.")}
-    assert set_by_variants and all(set_by_variants <= set(v.overrides) for v in variants)
+    for variant in variants:
+        assert set_by_variants <= set(variant.overrides) or variant.overrides["growth.method"] in METHOD_INIT
     assert len({config_hash(c) for c in configs}) == len(configs), "two variants train the same run"
 
 
@@ -48,7 +51,7 @@ def test_config_hash_ignores_the_output_folder_only():
     assert config_hash(config.with_overrides({"train.seed": "1"})) != config_hash(config)
 
 
-@pytest.mark.parametrize("name", ["init", "timing", "sources", "lr", "recipe"])
+@pytest.mark.parametrize("name", ["init", "timing", "sources", "lr", "recipe", "methods"])
 def test_an_experiment_runs_end_to_end_on_a_tiny_grid(tmp_path, capsys, name):
     out = tmp_path / "results"
     depth = ["--model.n_layer=8"] if name == "sources" else []  # sources up to 4 need a deeper target

@@ -30,6 +30,13 @@ def test_the_library_example_runs():
     assert len(namespace["new_names"]) == 12 * 12  # twelve fresh blocks of twelve tensors
 
 
+def test_the_growth_methods_example_runs():
+    example = re.search(r"### Growth methods.*?```python\n(.*?)```", README, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(example, "README growth methods example", "exec"), namespace)
+    assert namespace["plan"].target_depth == 8
+
+
 def test_every_image_the_docs_show_is_in_the_repository():
     for page in (ROOT / "README.md", ROOT / "docs" / "results.md"):
         images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page.read_text())
