@@ -299,6 +299,8 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> OptimizerChain:
             )
     chain = OptimizerChain(optimizers, config)
     check_coverage(model, chain)
+    if optimizers:  # what a model updates from the step's forwards, not from gradients (an MoE's balance)
+        optimizers[0].register_step_pre_hook(lambda optimizer, args, kwargs: model.before_optimizer_step())
     return chain
 
 

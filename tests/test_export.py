@@ -163,8 +163,9 @@ def test_exported_llama_and_moe_match_depthgrow_and_round_trip(tmp_path, variant
 
     imported = assert_imports_back(out, config, model, expected)
     if isinstance(config, MoEConfig) and depth:
-        # the usage counts, not in any state dict, start from zero and count a training forward
+        # the usage counts, not in any state dict, start from zero and count a training step
         imported.train()(TOKENS)
+        imported.before_optimizer_step()
         assert all(b.mlp.tokens_per_expert.sum() == TOKENS.numel() * 2 for b in imported.model.layers)
 
 

@@ -238,10 +238,12 @@ def test_usage_counts_every_routed_token_while_training():
     idx = tokens(config, 0)
     model.eval()
     model(idx)
+    model.before_optimizer_step()
     assert model.expert_usage() == {}
     model.train()
-    model(idx)
-    model(idx)
+    for _ in range(2):  # two training steps: a forward, then the optimizer's pre-step hook
+        model(idx)
+        model.before_optimizer_step()
     for block in model.model.layers:
         assert block.mlp.tokens_per_expert.sum().item() == 2 * idx.numel() * config.top_k
     counts = model.model.layers[0].mlp.tokens_per_expert.float()
@@ -251,6 +253,29 @@ def test_usage_counts_every_routed_token_while_training():
     assert usage["model.layers.0.min_load"] <= 1.0 <= usage["model.layers.0.max_load"]
     model.reset_expert_usage()
     assert model.expert_usage() == {}
+
+
+def test_only_a_training_step_moves_the_balancing_bias():
+    config = dataclasses.replace(preset("moe-test"), balance_rate=0.01)
+    model = build_model(config, seed=0)
+    optimizer = build_optimizer(model, OPTIMIZERS["adamw"])
+    idx = tokens(config, 0)
+
+    def biases():
+        return [block.mlp.gate.e_score_correction_bias.clone() for block in model.model.layers]
+
+    before = biases()
+    with torch.no_grad():
+        model.eval()(idx)
+        model.train()(idx)  # train mode, but no gradient: not a training step
+    model.eval()(idx)
+    assert all(torch.equal(a, b) for a, b in zip(biases(), before, strict=True))
+    assert model.expert_usage() == {}
+    loss_fn(model.train()(idx), idx.roll(-1, dims=1)).backward()
+    assert all(torch.equal(a, b) for a, b in zip(biases(), before, strict=True))  # not before the step
+    optimizer.step()
+    assert all(not torch.equal(a, b) for a, b in zip(biases(), before, strict=True))
+    assert all(block.mlp.tokens_per_expert.sum() == idx.numel() * config.top_k for block in model.model.layers)
 
 
 def test_balancing_bias_unloads_an_overloaded_expert():
@@ -263,8 +288,8 @@ def test_balancing_bias_unloads_an_overloaded_expert():
     loads = []
     for _ in range(40):
         layer.tokens_per_expert.zero_()
-        with torch.no_grad():
-            layer(x)
+        layer(x)  # a training forward records its load; the step applies it
+        layer.apply_balance()
         loads.append(layer.tokens_per_expert.clone())
     mean = n_tokens * config.top_k / config.n_expert
     assert loads[0][0] == n_tokens

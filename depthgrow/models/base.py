@@ -92,6 +92,12 @@ class GrowableModel(Protocol):
         """The modules whose outputs the block adds to the residual stream."""
         ...
 
+    def before_optimizer_step(self) -> None:
+        """Apply what the training forwards since the last step decided beside the gradients (an MoE's
+        balancing bias); ``build_optimizer`` calls it from an optimizer pre-step hook, so that only a training
+        step changes the model. Nothing for the dense families."""
+        ...
+
     def init_weights(self, seed: int) -> None:
         """Set every parameter and buffer: the model is built on the meta device and allocated with
         ``to_empty``, so nothing holds a meaningful value before this."""

@@ -170,6 +170,9 @@ class GPT2(nn.Module):
     def block_stacks(self) -> dict[str, nn.ModuleList]:
         return {self.STACK: self.transformer.h}
 
+    def before_optimizer_step(self) -> None:
+        pass  # nothing beside the gradients
+
     def make_block(self, stack: str) -> nn.Module:
         return materialize(lambda: Block(self.config), like=self.transformer.wte.weight)
 

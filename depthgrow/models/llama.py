@@ -265,6 +265,9 @@ class Llama(nn.Module):
     def block_stacks(self) -> dict[str, nn.ModuleList]:
         return {self.STACK: self.model.layers}
 
+    def before_optimizer_step(self) -> None:
+        pass  # nothing beside the gradients
+
     def make_block(self, stack: str) -> nn.Module:
         return materialize(self.new_block, like=self.model.embed_tokens.weight)
 

@@ -4,8 +4,13 @@ Each block is the LLaMA block (:mod:`depthgrow.models.llama`: RMSNorm, RoPE, gro
 feed-forward is ``n_expert`` small SwiGLU experts, of which every token uses the ``top_k`` with the highest
 sigmoid router scores, their outputs weighted by those scores normalised over the chosen k, plus
 ``n_shared_expert`` experts that every token uses. Load is balanced without an auxiliary loss, as in
-DeepSeek-V3: a per-expert bias, added to the scores only to choose the experts, is nudged after every
-training forward by ``balance_rate · sign(mean load - load)``, so that overloaded experts are chosen less.
+DeepSeek-V3: a per-expert bias, added to the scores only to choose the experts, is nudged at every
+optimizer step by ``balance_rate · sign(mean load - load)``, the load being that of the step's training
+forward, so that overloaded experts are chosen less. The forward only records the load; the bias moves in
+``before_optimizer_step``, which ``build_optimizer``'s optimizers call from a pre-step hook (as
+torchtitan does), so that a forward outside a training step (evaluation, generation, a forward in train
+mode under ``no_grad``) never changes the model. A loop with its own torch optimizer calls
+``model.before_optimizer_step()`` before each step.
 Routing has no noise: a seed and a batch determine it.
 
 Tokens are dispatched by sorting the (token, expert) pairs by expert and running each expert once on the
@@ -133,9 +138,10 @@ class MoEFeedForward(nn.Module):
         self.experts = nn.ModuleList(SwiGLU(config.n_embd, config.expert_hidden) for _ in range(config.n_expert))
         shared = config.n_shared_expert * config.expert_hidden
         self.shared_experts = SwiGLU(config.n_embd, shared) if shared else None
-        # tokens routed to each expert by training forwards since the last reset; only for logging, so
+        # tokens routed to each expert by training steps since the last reset; only for logging, so
         # it stays out of the state dict (and of an export)
         self.register_buffer("tokens_per_expert", torch.empty(config.n_expert, dtype=torch.long), persistent=False)
+        self.pending_load: torch.Tensor | None = None  # the global load of the step's training forward
 
     @property
     def down_projections(self) -> list[nn.Module]:
@@ -156,7 +162,9 @@ class MoEFeedForward(nn.Module):
         x = x.reshape(B * T, C)
         chosen, weights = self.route(x)
         load = torch.bincount(chosen.flatten(), minlength=len(self.experts))
-        global_load = self._balance(load) if self.training else load
+        global_load = _global(load) if self.training else load
+        if self.training and torch.is_grad_enabled():
+            self.pending_load = global_load  # the bias moves at the optimizer step (apply_balance)
         # the (token, slot) pairs sorted by expert: each expert then runs once, on its own tokens only
         order = chosen.flatten().argsort(stable=True)
         sizes, global_sizes = torch.stack([load, global_load]).tolist()
@@ -174,16 +182,23 @@ class MoEFeedForward(nn.Module):
         return y.view(B, T, C)
 
     @torch.no_grad()
-    def _balance(self, load: torch.Tensor) -> torch.Tensor:
-        """Count the load and move the balancing bias; return the load over the global batch."""
-        if dist.is_available() and dist.is_initialized():
-            # balanced over the global batch, as one process training on all of it would be
-            load = load.clone()
-            dist.all_reduce(load)
+    def apply_balance(self) -> None:
+        """Count the load of the step's training forward and move the balancing bias by it."""
+        if self.pending_load is None:
+            return
+        load, self.pending_load = self.pending_load, None
         self.tokens_per_expert += load
         # DeepSeek-V3's auxiliary-loss-free balancing: an overloaded expert's bias falls, an idle one's rises
         self.gate.e_score_correction_bias += self.balance_rate * torch.sign(load.float().mean() - load)
-        return load
+
+
+@torch.no_grad()
+def _global(load: torch.Tensor) -> torch.Tensor:
+    """The load over the global batch: balanced as one process training on all of it would be."""
+    if dist.is_available() and dist.is_initialized():
+        load = load.clone()
+        dist.all_reduce(load)
+    return load
 
 
 class MoE(Llama):
@@ -193,6 +208,10 @@ class MoE(Llama):
 
     def new_block(self) -> Block:
         return Block(self.config, MoEFeedForward(self.config))
+
+    def before_optimizer_step(self) -> None:
+        for block in self.model.layers:
+            block.mlp.apply_balance()
 
     def residual_projections(self, block: nn.Module) -> list[nn.Module]:
         # every expert's output reaches the residual stream: zeroing them all preserves the function

@@ -193,6 +193,9 @@ class ResNet(nn.Module):
     def block_stacks(self) -> dict[str, nn.ModuleList]:
         return {f"stages.{i}.blocks": stage.blocks for i, stage in enumerate(self.stages)}
 
+    def before_optimizer_step(self) -> None:
+        pass  # nothing beside the gradients
+
     def make_block(self, stack: str) -> nn.Module:
         channels = self.config.stage_widths()[_stage_index(stack)]
         return materialize(lambda: BasicBlock(channels), like=self.stem.conv.weight)
