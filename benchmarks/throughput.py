@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import tempfile
@@ -37,6 +36,7 @@ import torch
 from depthgrow import build_model, build_optimizer, load_config, train
 from depthgrow.config import RunConfig
 from depthgrow.data import make_batches
+from depthgrow.metrics import LOG_NAME, read_log
 from depthgrow.schedule import lr_multiplier
 from depthgrow.trainer import loss_fn
 
@@ -111,13 +111,11 @@ def measure(preset: str, depth: int, rounds: int, short: int, long: int, folder:
     }
 
 
-def growth_seconds(preset: str, steps: int, folder: Path) -> float:
-    """The seconds the trainer's growth 1 -> full depth took, from its log."""
-    full = load_config(None, {"model.preset": preset}).model.n_layer
-    config = recipe(preset, full, steps, folder / "grow", **{"growth.source_depth": "1", "growth.at": str(steps // 2)})
+def growth_seconds(preset: str, depth: int, steps: int, folder: Path) -> float:
+    """The seconds the trainer's growth 1 -> ``depth`` took, from its log."""
+    config = recipe(preset, depth, steps, folder / "grow", **{"growth.source_depth": "1", "growth.at": str(steps // 2)})
     trainer_seconds(config)
-    records = [json.loads(line) for line in (folder / "grow" / "log.jsonl").read_text().splitlines()]
-    return next(r["seconds"] for r in records if r["event"] == "growth")
+    return next(r["seconds"] for r in read_log(folder / "grow" / LOG_NAME) if r["event"] == "growth")
 
 
 def main() -> None:
@@ -144,7 +142,7 @@ def main() -> None:
                     f"{tokens / t['plain']:>12,.0f} {tokens / t['trainer']:>14,.0f} {t['plain'] / t['trainer']:>6.3f}"
                 )
                 print(f"{preset:<12} {depth:>5} {rates} {t['bookkeeping'] * 1e3:>14.3f} ms {share:>9.2%}", flush=True)
-            grown = growth_seconds(preset, 40, Path(tmp))
+            grown = growth_seconds(preset, config.model.n_layer, 40, Path(tmp))
             print(
                 f"{preset:<12} growth 1 -> {config.model.n_layer}: {grown * 1e3:.1f} ms; one plain step at depth "
                 f"{config.model.n_layer}: {t['plain'] * 1e3:.1f} ms ({grown / t['plain']:.2f} steps)",

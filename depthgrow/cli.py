@@ -25,7 +25,6 @@ from depthgrow.config import PRESET_RULE, RunConfig, TrainConfig, config_keys, l
 from depthgrow.errors import INTERRUPTED_STATUS, DepthgrowError
 from depthgrow.flops import DEPTHGROW, PAPER, compare_compute
 from depthgrow.presets import PRESETS
-from depthgrow.schedule import growth_plan
 from depthgrow.trainer import CONFIG_NAME, resolve_device, train
 
 SHORTHANDS = {"model": "model.preset", "data": "data.path", "out": "train.out_dir"}
@@ -164,19 +163,10 @@ def cmd_flops(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     config = _config(args, overrides)
     model, train_config = config.model, config.train
     growth = config.growth
-    if growth.method != "bu" or growth.source_depth is not None:
-        plans = [config.plan()]
-    else:  # the paper's two sources, at the given expansion times
-        plans = [
-            growth_plan(
-                source_depth=source,
-                via=growth.via,
-                at=growth.at,
-                target_depth=model.n_layer,
-                total_steps=train_config.steps,
-            )
-            for source in [0, 1][: model.n_layer]
-        ]
+    # a fixed-depth config counts the paper's two sources, at its expansion times; any other its own plan
+    fixed = growth.method == "bu" and growth.source_depth is None
+    sources = [0, 1][: model.n_layer] if fixed else [growth.source_depth]
+    plans = [dataclasses.replace(config, growth=dataclasses.replace(growth, source_depth=s)).plan() for s in sources]
     units_per_step = train_config.batch_size * model.units_per_example()
     print(
         f"{config.model_preset or model.family}: {model.n_layer} layers, {model.num_params() / 1e6:,.2f}M parameters; "
