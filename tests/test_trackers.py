@@ -161,19 +161,32 @@ def test_tensorboard_resume_drops_what_a_killed_run_logged_after_its_checkpoint(
 # ---------------------------------------------------------------------------------------------- wandb
 
 
-def read_wandb_history(run_file: Path) -> list[dict[str, Any]]:
-    """The history rows of a .wandb file (LevelDB-log framing of protobuf records)."""
+def read_wandb_history(run_file: Path, wait_s: float = 60.0) -> list[dict[str, Any]]:
+    """The history rows of a finished run's .wandb file (LevelDB-log framing of protobuf records).
+
+    wandb's own process writes the file and may still be at it when ``finish()`` has returned (seen as a
+    bare header about 1 run in 10): read it again until its last record, ``exit``, is there."""
     from wandb.proto import wandb_internal_pb2
 
-    data = run_file.read_bytes()
+    deadline = time.monotonic() + wait_s
+    while True:
+        kinds, rows = _wandb_records(run_file.read_bytes(), wandb_internal_pb2)
+        if "exit" in kinds or time.monotonic() > deadline:
+            assert "exit" in kinds, f"{run_file} has no exit record after {wait_s:.0f} s"
+            return rows
+        time.sleep(0.1)
+
+
+def _wandb_records(data: bytes, wandb_internal_pb2: Any) -> tuple[set[str], list[dict[str, Any]]]:
+    """The record kinds in ``data`` and its history rows."""
     assert data[:4] == b":W&B"
-    block, position, pending, rows = 32768, 7, b"", []
+    block, position, pending, rows, kinds = 32768, 7, b"", [], set()
     while position + 7 <= len(data):
         if block - position % block < 7:  # a block's tail too short for a header is padding
             position += block - position % block
             continue
         _checksum, length, kind = struct.unpack("<IHB", data[position : position + 7])
-        if kind == 0:
+        if kind == 0 or position + 7 + length > len(data):  # the end, or a record still being written
             break
         pending += data[position + 7 : position + 7 + length]
         position += 7 + length
@@ -181,10 +194,11 @@ def read_wandb_history(run_file: Path) -> list[dict[str, Any]]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
             pending = b""
+            kinds.add(record.WhichOneof("record_type"))
             if record.WhichOneof("record_type") == "history":
                 items = record.history.item
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items})
-    return rows
+    return kinds, rows
 
 
 @pytest.fixture
