@@ -292,12 +292,12 @@ def config_keys(config: RunConfig) -> list[ConfigKey]:
     ]
     own = {f.name for f in dataclasses.fields(config.model)}
     others: dict[str, list[str]] = {}  # key -> the families that have it
-    for family, (config_class, _) in FAMILIES.items():
-        for f in dataclasses.fields(config_class):
+    for family, spec in FAMILIES.items():
+        for f in dataclasses.fields(spec.config):
             if f.name not in own:
                 others.setdefault(f.name, []).append(family)
     for name, families in others.items():
-        doc = field_doc(FAMILIES[families[0]][0], name)
+        doc = field_doc(FAMILIES[families[0]].config, name)
         keys.append(ConfigKey(f"model.{name}", f"({', '.join(families)})", doc, tuple(families)))
     for section in SECTIONS:
         keys += _section_keys(section, getattr(config, section))
@@ -343,7 +343,7 @@ def _model_from_dict(values: dict[str, Any]) -> tuple[str | None, ModelConfig]:
         if family is not None and family != base.family:
             raise DepthgrowError(f"model preset {preset_name!r} is of family {base.family!r}, not {family!r}")
     elif family in FAMILIES:
-        base = FAMILIES[family][0]()
+        base = FAMILIES[family].config()
     else:
         raise DepthgrowError(f"unknown model family {family!r}; choose one of: {', '.join(FAMILIES)}")
     changes = _coerce_fields(type(base), values, "model")

@@ -118,9 +118,7 @@ def wrap(model: nn.Module, world: World, *, compile_model: bool) -> nn.Module:
     compiled if asked."""
     if world.parallel == "ddp":
         device_ids = [world.local_rank] if next(model.parameters()).is_cuda else None
-        # routed experts that receive no token in a step have no gradient, which DDP must be told about
-        sparse = getattr(model, "may_skip_parameters", False)
-        model = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=sparse)
+        model = DistributedDataParallel(model, device_ids=device_ids)
     elif world.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 

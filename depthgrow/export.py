@@ -1,14 +1,11 @@
 """Hugging Face export: a depthgrow checkpoint as a ``transformers`` model folder (safetensors), and back.
 
-Each model family maps onto one ``transformers`` architecture through an :class:`Adapter` in
-:data:`ADAPTERS`, keyed by the depthgrow family: the config mapping both ways and the state-dict mapping
-both ways. GPT-2 maps onto ``GPT2LMHeadModel``, LLaMA onto ``LlamaForCausalLM`` and the mixture of experts
-onto ``Glm4MoeForCausalLM`` (the one ``transformers`` class with its structure: see :mod:`depthgrow.models.moe`);
-another family is one more entry.
-
-The export also writes the run's tokenizer, whatever its vocabulary (bytes, GPT-2's BPE, a trained BPE), and
-names its end-of-text token in the model's generation settings: this is shared by every family, so a folder
-works with ``transformers.pipeline("text-generation", model=folder)`` as it is.
+Each model family maps onto one ``transformers`` architecture through the :class:`~depthgrow.models.hf.Adapter`
+it declares beside its model (``FAMILY.hf``): the config mapping both ways and the state-dict mapping both
+ways. This module holds what is common to every family: building the ``transformers`` model, writing the
+folder with the run's tokenizer, whatever its vocabulary (bytes, GPT-2's BPE, a trained BPE), naming its
+end-of-text token in the model's generation settings (so a folder works with
+``transformers.pipeline("text-generation", model=folder)`` as it is), the model card, and the import.
 
 ``transformers`` and ``safetensors`` are the optional ``export`` extra: depthgrow imports without them,
 and only the functions here that need them import them.
@@ -18,11 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,464 +27,30 @@ from depthgrow.config import RunConfig
 from depthgrow.data import GPT2_BPE_ENV, VOCAB_SIZES, gpt2_encoding
 from depthgrow.errors import DepthgrowError
 from depthgrow.metrics import LOG_NAME, read_log
-from depthgrow.models import FAMILIES, GPT2Config, LlamaConfig, ModelConfig, MoEConfig
-from depthgrow.models.llama import DecoderConfig
+from depthgrow.models import FAMILIES, ModelConfig
+from depthgrow.models.hf import Adapter, StateDict, special_tokens, transformers_module
 from depthgrow.sampling import tokenizer_name
 from depthgrow.trainer import SUMMARY_NAME
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-StateDict = dict[str, torch.Tensor]
-
-MISSING_EXTRA = "export needs transformers and safetensors: pip install 'depthgrow[export]'"
 CARD_NAME = "README.md"
 LOSS_CURVE_NAME = "loss.png"  # the run's validation loss, shown by the card
-_HEAD = "lm_head.weight"  # the LM head in every depthgrow family and in the transformers classes they map onto
 
 
-def _transformers() -> ModuleType:
-    try:
-        import safetensors  # noqa: F401 - save_pretrained writes safetensors through it
-        import transformers
-    except ImportError:
-        raise DepthgrowError(MISSING_EXTRA) from None
-    return transformers
-
-
-def _transformers_5() -> ModuleType:
-    transformers = _transformers()
-    # transformers 4 reads the rotary base from rope_theta and would silently ignore rope_parameters (a model
-    # with the wrong positions), and it keeps MoE experts unfused
-    if int(transformers.__version__.split(".")[0]) < 5:
-        raise DepthgrowError(
-            f"LLaMA and MoE export needs transformers >= 5, found {transformers.__version__}: "
-            "pip install -U transformers"
-        )
-    return transformers
-
-
-def _special_tokens(end_of_text: int | None) -> dict[str, int | None]:
-    """The special-token fields of every HF config: the token that ends (and so separates) the training
-    documents ends a generation, starts one from an empty prompt, and pads (masked out). Set at construction,
-    None included: HF's defaults are ids of other vocabularies (GPT-2's 50256, LLaMA-1's 1 and 2)."""
-    return dict(bos_token_id=end_of_text, eos_token_id=end_of_text, pad_token_id=end_of_text)
-
-
-def _refuse(name: str, problems: list[str]) -> None:
-    if problems:
-        raise DepthgrowError(f"this {name} differs from depthgrow's: " + "; ".join(problems))
-
-
-def _with_tied_head(state: StateDict, embedding: str) -> StateDict:
-    # HF's state dict lists a tied head under its own name too, as the same tensor as the embedding
-    return {**state, _HEAD: state[embedding]}
-
-
-def _without_head(hf: StateDict) -> StateDict:
-    return {name: tensor for name, tensor in hf.items() if name != _HEAD}
-
-
-@dataclass(frozen=True)
-class Adapter:
-    """How one depthgrow family maps onto one ``transformers`` architecture."""
-
-    model_type: str  # transformers' config.model_type: finds the adapter of a saved folder on import
-    # with the tokenizer's end-of-text id (None where it has none), which it names through _special_tokens
-    to_hf_config: Callable[[ModelConfig, int | None], PretrainedConfig]
-    from_hf_config: Callable[[PretrainedConfig], ModelConfig]
-    # the state-dict mappings, given the depthgrow config (of the exported model; of the import)
-    to_hf: Callable[[ModelConfig, StateDict], StateDict]
-    from_hf: Callable[[ModelConfig, StateDict], StateDict]
-    # the model card's sentences on generating past the context the model was trained on
-    past_context: Callable[[ModelConfig], str]
-    # sentences for the model card about where the export differs in form from the depthgrow model
-    card_notes: Callable[[ModelConfig], list[str]] = field(default=lambda config: [])
-
-
-# --- GPT-2 -> GPT2LMHeadModel ---
-
-# HF GPT-2 keeps these four projections as Conv1D, whose weight is stored (in, out): nn.Linear's transposed
-_GPT2_CONV1D = re.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
-_GPT2_POSITIONS = "transformer.wpe.weight"
-_GPT2_EMBEDDINGS = ("transformer.wte.weight", _GPT2_POSITIONS)
-# HF's GPT-2 looks each position up in its table, so a generation past the context would index past the
-# depthgrow model's: the exported table holds this many contexts, every row past the first context a copy of
-# its last row. Eight: long continuations, for 7 · block_size · n_embd more parameters (4 % of GPT-2 124M)
-_GPT2_EXPORTED_CONTEXTS = 8
-_GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both the tanh-approximated GELU depthgrow uses
-_LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which depthgrow's GPT-2 uses
-
-
-def _gpt2_to_hf_config(config: GPT2Config, end_of_text: int | None) -> PretrainedConfig:
-    return _transformers().GPT2Config(
-        vocab_size=config.vocab_size,
-        n_positions=_GPT2_EXPORTED_CONTEXTS * config.block_size,
-        # the context the model was trained on, which the import reads back: transformers no longer reads it,
-        # and older GPT-2 tooling takes the context from it
-        n_ctx=config.block_size,
-        n_embd=config.n_embd,
-        n_layer=config.n_layer,
-        n_head=config.n_head,
-        n_inner=None,  # 4 * n_embd, as depthgrow's MLP
-        activation_function="gelu_new",
-        layer_norm_epsilon=_LAYER_NORM_EPS,
-        resid_pdrop=config.dropout,
-        embd_pdrop=config.dropout,
-        attn_pdrop=config.dropout,
-        initializer_range=config.init_std,
-        tie_word_embeddings=True,
-        **_special_tokens(end_of_text),
-    )
-
-
-def _gpt2_from_hf_config(hf: PretrainedConfig) -> GPT2Config:
-    problems = []
-    if hf.activation_function not in _GPT2_ACTIVATIONS:
-        problems.append(f"activation_function is {hf.activation_function!r}, not the tanh GELU (gelu_new)")
-    if hf.n_inner not in (None, 4 * hf.n_embd):
-        problems.append(f"n_inner is {hf.n_inner}, not 4 * n_embd")
-    if hf.layer_norm_epsilon != _LAYER_NORM_EPS:
-        problems.append(f"layer_norm_epsilon is {hf.layer_norm_epsilon}, not {_LAYER_NORM_EPS}")
-    if not hf.tie_word_embeddings:
-        problems.append("its LM head is not tied to the token embedding")
-    if not hf.scale_attn_weights or hf.scale_attn_by_inverse_layer_idx:
-        problems.append("its attention scores are not scaled by 1/sqrt(head size)")
-    if hf.add_cross_attention:
-        problems.append("it has cross-attention")
-    # depthgrow has one dropout rate where GPT-2 has three
-    dropouts = {hf.resid_pdrop, hf.embd_pdrop, hf.attn_pdrop}
-    if len(dropouts) > 1:
-        problems.append(f"its dropout rates differ (resid/embd/attn {hf.resid_pdrop}/{hf.embd_pdrop}/{hf.attn_pdrop})")
-    context = _gpt2_context(hf)
-    if context > hf.n_positions:
-        problems.append(
-            f"its context n_ctx ({context}) is longer than its position table (n_positions {hf.n_positions})"
-        )
-    _refuse("GPT-2", problems)
-    return GPT2Config(
-        n_layer=hf.n_layer,
-        n_embd=hf.n_embd,
-        n_head=hf.n_head,
-        block_size=context,
-        vocab_size=hf.vocab_size,
-        bias=True,  # HF's GPT-2 always has biases, and after an export of bias=False they may have trained
-        dropout=hf.resid_pdrop,
-        init_std=hf.initializer_range,
-    )
-
-
-def _gpt2_context(hf: PretrainedConfig) -> int:
-    # a GPT-2 not exported by depthgrow may lack n_ctx: its whole position table is then its context
-    return getattr(hf, "n_ctx", None) or hf.n_positions
-
-
-def _gpt2_to_hf(config: GPT2Config, state: StateDict) -> StateDict:
-    hf = {}
-    for name, tensor in state.items():
-        hf[name] = tensor.t().contiguous() if _GPT2_CONV1D.fullmatch(name) else tensor
-        if name == _GPT2_POSITIONS:
-            # every position past the context reads as its last one (the card says so)
-            rows = torch.arange(_GPT2_EXPORTED_CONTEXTS * config.block_size).clamp(max=config.block_size - 1)
-            hf[name] = tensor[rows.to(tensor.device)]
-        bias = name.removesuffix("weight") + "bias"
-        if name.endswith(".weight") and name not in _GPT2_EMBEDDINGS and bias not in state:
-            # a bias=False model: HF's GPT-2 has no switch for biases, and a zero bias adds nothing, so the
-            # export computes exactly the function of the depthgrow model (the card says so)
-            hf[bias] = tensor.new_zeros(tensor.shape[0])
-    return _with_tied_head(hf, "transformer.wte.weight")
-
-
-def _gpt2_from_hf(config: GPT2Config, hf: StateDict) -> StateDict:
-    # the head is the token embedding (from_hf_config refuses an untied one); depthgrow keeps it once
-    state = {
-        name: tensor.t().contiguous() if _GPT2_CONV1D.fullmatch(name) else tensor
-        for name, tensor in _without_head(hf).items()
-    }
-    positions, context = state[_GPT2_POSITIONS], config.block_size
-    past = positions[context:]
-    # rows past the context are an export's copies of its last row, which the import drops; other rows there
-    # would be positions of their own, which depthgrow's GPT-2 of this context has no place for
-    if not torch.equal(past, positions[context - 1].expand_as(past)):
-        raise DepthgrowError(
-            f"this GPT-2's position embeddings past its context (n_ctx {context}) differ from the last one within "
-            f"it: depthgrow's GPT-2 has one per position of its context (set n_ctx to n_positions to import them)"
-        )
-    # a copy: a view would keep the whole table alive
-    state[_GPT2_POSITIONS] = positions[:context].clone()
-    return state
-
-
-def _gpt2_past_context(config: GPT2Config) -> str:
-    context, rows = config.block_size, _GPT2_EXPORTED_CONTEXTS * config.block_size
-    return (
-        f"Hugging Face's GPT-2 gives every position a learned embedding of its own, and the depthgrow model "
-        f"learned {context}. So that a generation past the context does not index past that table, this export's "
-        f"table has {rows} rows (`n_positions: {rows}`; `n_ctx: {context}` is the context): rows {context} to "
-        f"{rows - 1} are copies of row {context - 1}, so every position past the context is read as the last "
-        f"position within it. The first {context} tokens give exactly the depthgrow model's outputs; past them the "
-        f"model reads sequences longer than any it was trained on, with positions it never told apart, so expect "
-        f"the text to degrade. Beyond {rows} tokens (prompt and continuation together) it cannot run at all (an "
-        f"IndexError). An import into depthgrow (`depthgrow.export.import_pretrained`) drops the copies."
-    )
-
-
-def _gpt2_card_notes(config: GPT2Config) -> list[str]:
-    if config.bias:
-        return []
-    return [
-        "The depthgrow model was trained without biases (`model.bias = false`). Hugging Face's GPT-2 always "
-        "has them, so every bias in this export is zero and the model computes exactly what the depthgrow "
-        "model did."
-    ]
-
-
-# --- LLaMA-style decoders: what LlamaForCausalLM and Glm4MoeForCausalLM share ---
-
-# depthgrow's decoders take their parameter names from these two classes: nothing is renamed; only a tied
-# head (and the MoE's experts, which HF fuses) differ between the two state dicts
-_DECODER_EMBEDDING = "model.embed_tokens.weight"
-
-
-def _decoder_hf_fields(config: DecoderConfig, end_of_text: int | None, **rope: float) -> dict[str, Any]:
-    """The config fields of both HF decoders for depthgrow's decoder (attention, norms, positions, head,
-    special tokens); ``rope`` adds to the rotary parameters."""
-    return dict(
-        vocab_size=config.vocab_size,
-        hidden_size=config.n_embd,
-        num_hidden_layers=config.n_layer,
-        num_attention_heads=config.n_head,
-        num_key_value_heads=config.n_kv_head,
-        max_position_embeddings=config.block_size,
-        rms_norm_eps=config.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta, **rope},
-        tie_word_embeddings=config.tie_embeddings,
-        hidden_act="silu",
-        attention_bias=False,
-        attention_dropout=0.0,
-        initializer_range=config.init_std,
-        **_special_tokens(end_of_text),
-    )
-
-
-def _decoder_problems(hf: PretrainedConfig) -> list[str]:
-    """What depthgrow's decoder cannot express in the fields both HF decoders share."""
-    problems = []
-    if hf.hidden_act != "silu":
-        problems.append(f"hidden_act is {hf.hidden_act!r}, not 'silu' (SwiGLU)")
-    rope_type = hf.rope_parameters.get("rope_type", "default")
-    if rope_type != "default":
-        problems.append(f"its rotary embedding is scaled ({rope_type!r}), not plain RoPE")
-    if hf.attention_bias:
-        problems.append("its attention projections have biases")
-    if hf.attention_dropout:
-        problems.append(f"it has attention dropout ({hf.attention_dropout})")
-    head_dim = getattr(hf, "head_dim", None)
-    if head_dim not in (None, hf.hidden_size // hf.num_attention_heads):
-        problems.append(f"head_dim is {head_dim}, not hidden_size / num_attention_heads")
-    return problems
-
-
-def _decoder_fields(hf: PretrainedConfig) -> dict[str, Any]:
-    """The :class:`DecoderConfig` fields of an HF decoder's config."""
-    return dict(
-        n_layer=hf.num_hidden_layers,
-        n_embd=hf.hidden_size,
-        n_head=hf.num_attention_heads,
-        n_kv_head=hf.num_key_value_heads,
-        block_size=hf.max_position_embeddings,
-        vocab_size=hf.vocab_size,
-        rope_theta=float(hf.rope_parameters["rope_theta"]),
-        norm_eps=hf.rms_norm_eps,
-        tie_embeddings=hf.tie_word_embeddings,
-        init_std=hf.initializer_range,
-    )
-
-
-def _decoder_to_hf(config: DecoderConfig, state: StateDict) -> StateDict:
-    # a tied depthgrow model has no lm_head entry; HF's strict load wants one
-    return _with_tied_head(state, _DECODER_EMBEDDING) if config.tie_embeddings else dict(state)
-
-
-def _decoder_from_hf(config: DecoderConfig, hf: StateDict) -> StateDict:
-    return _without_head(hf) if config.tie_embeddings else dict(hf)
-
-
-def _rotary_past_context(config: DecoderConfig) -> str:
-    return (
-        "Rotary positions need no table: asked to, the model generates past its context, reading sequences longer "
-        "than any it was trained on, so expect the text to degrade there."
-    )
-
-
-# --- LLaMA -> LlamaForCausalLM ---
-
-
-def _llama_to_hf_config(config: LlamaConfig, end_of_text: int | None) -> PretrainedConfig:
-    return _transformers_5().LlamaConfig(
-        **_decoder_hf_fields(config, end_of_text),
-        head_dim=config.head_dim,
-        intermediate_size=config.ffn_size,
-        mlp_bias=False,
-    )
-
-
-def _llama_from_hf_config(hf: PretrainedConfig) -> LlamaConfig:
-    _transformers_5()
-    problems = _decoder_problems(hf)
-    if hf.mlp_bias:
-        problems.append("its feed-forward projections have biases")
-    _refuse("LLaMA", problems)
-    # ffn_hidden set even where LLaMA's rule would give the same size: the config then says it as HF does
-    return LlamaConfig(**_decoder_fields(hf), ffn_hidden=hf.intermediate_size)
-
-
-# --- MoE -> Glm4MoeForCausalLM ---
-
-_SWIGLU = ("gate", "up", "down")
-
-
-def _moe_to_hf_config(config: MoEConfig, end_of_text: int | None) -> PretrainedConfig:
-    # Glm4Moe's router sums the top 2 scores of each expert group, so it needs 2 experts or more: so does
-    # a valid MoEConfig (top_k >= 2)
-    return _transformers_5().Glm4MoeConfig(
-        # Glm4Moe's default rotates half of each head (GLM's partial RoPE); depthgrow rotates all of it
-        **_decoder_hf_fields(config, end_of_text, partial_rotary_factor=1.0),
-        n_routed_experts=config.n_expert,
-        num_experts_per_tok=config.top_k,
-        n_shared_experts=config.n_shared_expert,
-        moe_intermediate_size=config.expert_hidden,
-        first_k_dense_replace=0,  # every block routed; GLM's first block is dense
-        intermediate_size=config.expert_hidden,  # of those dense blocks' feed-forward, so unused
-        # one expert group that is always chosen: top-k over all experts, as depthgrow's router
-        n_group=1,
-        topk_group=1,
-        norm_topk_prob=True,
-        routed_scaling_factor=1.0,
-        use_qk_norm=False,
-        num_nextn_predict_layers=0,  # no multi-token-prediction layers
-    )
-
-
-def _moe_from_hf_config(hf: PretrainedConfig) -> MoEConfig:
-    _transformers_5()
-    problems = _decoder_problems(hf)
-    rotated = hf.rope_parameters.get("partial_rotary_factor", 1.0)
-    if rotated != 1.0:
-        problems.append(f"its rotary embedding turns {rotated} of each head, not all of it")
-    if hf.first_k_dense_replace:
-        problems.append(f"its first {hf.first_k_dense_replace} blocks have a dense feed-forward")
-    if hf.use_qk_norm:
-        problems.append("it normalises queries and keys")
-    if hf.topk_group != hf.n_group:  # equal: every group is chosen, so the groups do not restrict the choice
-        problems.append(f"it routes within the best {hf.topk_group} of {hf.n_group} expert groups")
-    if not hf.norm_topk_prob:
-        problems.append("the weights of the chosen experts are not normalised to sum to 1")
-    if hf.routed_scaling_factor != 1.0:
-        problems.append(f"the routed experts' output is scaled by {hf.routed_scaling_factor}")
-    _refuse("Glm4Moe", problems)
-    # balance_rate is not in HF's config (HF does not train the balancing bias): depthgrow's default
-    return MoEConfig(
-        **_decoder_fields(hf),
-        n_expert=hf.n_routed_experts,
-        top_k=hf.num_experts_per_tok,
-        n_shared_expert=hf.n_shared_experts,
-        expert_hidden=hf.moe_intermediate_size,
-    )
-
-
-def _moe_to_hf(config: MoEConfig, state: StateDict) -> StateDict:
-    """Fuse each block's experts as HF keeps them in memory: ``experts.gate_up_proj`` (E, 2h, d), each
-    expert's gate rows then its up rows (HF splits the fused output in that order), and ``experts.down_proj``
-    (E, d, h). ``save_pretrained`` writes them back per expert, under depthgrow's names."""
-    hf = _decoder_to_hf(config, state)
-    for i in range(config.n_layer):
-        mlp = f"model.layers.{i}.mlp"
-        gate, up, down = (
-            [hf.pop(f"{mlp}.experts.{j}.{kind}_proj.weight") for j in range(config.n_expert)] for kind in _SWIGLU
-        )
-        hf[f"{mlp}.experts.gate_up_proj"] = torch.stack([torch.cat(pair) for pair in zip(gate, up, strict=True)])
-        hf[f"{mlp}.experts.down_proj"] = torch.stack(down)
-        if not config.n_shared_expert:
-            # HF always has a shared expert, of width n_shared_experts · moe_intermediate_size: here 0, and a
-            # SwiGLU of width 0 adds exactly 0, so the export computes what the depthgrow model does
-            d, like = config.n_embd, down[0]
-            for kind, shape in zip(_SWIGLU, [(0, d), (0, d), (d, 0)], strict=True):
-                hf[f"{mlp}.shared_experts.{kind}_proj.weight"] = like.new_zeros(shape)
-    return hf
-
-
-def _moe_from_hf(config: MoEConfig, hf: StateDict) -> StateDict:
-    state = _decoder_from_hf(config, hf)
-    h = config.expert_hidden
-    for i in range(config.n_layer):
-        mlp = f"model.layers.{i}.mlp"
-        gate_up, down = state.pop(f"{mlp}.experts.gate_up_proj"), state.pop(f"{mlp}.experts.down_proj")
-        for j in range(config.n_expert):
-            # copies: views would make every expert's parameters share one storage (safetensors refuses that)
-            # and keep the whole fused tensor alive
-            parts = (gate_up[j, :h], gate_up[j, h:], down[j])
-            for kind, tensor in zip(_SWIGLU, parts, strict=True):
-                state[f"{mlp}.experts.{j}.{kind}_proj.weight"] = tensor.clone()
-        if not config.n_shared_expert:
-            for kind in _SWIGLU:
-                del state[f"{mlp}.shared_experts.{kind}_proj.weight"]  # width 0: depthgrow has no module there
-    return state
-
-
-def _moe_card_notes(config: MoEConfig) -> list[str]:
-    notes = [
-        "The balancing bias of each block (`mlp.gate.e_score_correction_bias`) is exported, and Hugging Face's "
-        "Glm4Moe adds it to the sigmoid router scores to choose the experts (and only to choose them) as "
-        "depthgrow does, so both pick the same experts. Only depthgrow updates it during training: its step "
-        f"`balance_rate` ({config.balance_rate}) is not carried (an import into depthgrow takes the default), "
-        "nor are the per-expert token counts (`tokens_per_expert`), which only log expert usage."
-    ]
-    if not config.n_shared_expert:
-        notes.append(
-            "The depthgrow model has no shared expert (`model.n_shared_expert = 0`). Hugging Face's Glm4Moe always "
-            "has one, so this export's has width 0 (`n_shared_experts: 0`): it adds nothing, and the model "
-            "computes exactly what the depthgrow model did."
-        )
-    return notes
-
-
-ADAPTERS: dict[str, Adapter] = {
-    GPT2Config.family: Adapter(
-        model_type="gpt2",
-        to_hf_config=_gpt2_to_hf_config,
-        from_hf_config=_gpt2_from_hf_config,
-        to_hf=_gpt2_to_hf,
-        from_hf=_gpt2_from_hf,
-        past_context=_gpt2_past_context,
-        card_notes=_gpt2_card_notes,
-    ),
-    LlamaConfig.family: Adapter(
-        model_type="llama",
-        to_hf_config=_llama_to_hf_config,
-        from_hf_config=_llama_from_hf_config,
-        to_hf=_decoder_to_hf,
-        from_hf=_decoder_from_hf,
-        past_context=_rotary_past_context,
-    ),
-    MoEConfig.family: Adapter(
-        model_type="glm4_moe",
-        to_hf_config=_moe_to_hf_config,
-        from_hf_config=_moe_from_hf_config,
-        to_hf=_moe_to_hf,
-        from_hf=_moe_from_hf,
-        past_context=_rotary_past_context,
-        card_notes=_moe_card_notes,
-    ),
-}
+def _adapters() -> dict[str, Adapter]:
+    """The Hugging Face adapter of every family that has one, by family name."""
+    return {name: family.hf for name, family in FAMILIES.items() if family.hf is not None}
 
 
 def adapter_for(family: str) -> Adapter:
+    adapters = _adapters()
     try:
-        return ADAPTERS[family]
+        return adapters[family]
     except KeyError:
         raise DepthgrowError(
-            f"no Hugging Face export for model family {family!r} yet; families with one: {', '.join(ADAPTERS)}"
+            f"no Hugging Face export for model family {family!r} yet; families with one: {', '.join(adapters)}"
         ) from None
 
 
@@ -505,7 +64,7 @@ def _to_hf_model(config: ModelConfig, state: StateDict, end_of_text: int | None)
     so it is fit for ``save_pretrained``, which writes parameters and persistent buffers only, but not for
     running. ``end_of_text``: the tokenizer's ``<|endoftext|>`` id, none where it has none."""
     adapter = adapter_for(config.family)
-    transformers = _transformers()
+    transformers = transformers_module()
     hf_config = adapter.to_hf_config(config, end_of_text)
     # built on the meta device and filled by assignment: no memory for a random init that is overwritten
     with torch.device("meta"):
@@ -517,7 +76,7 @@ def _to_hf_model(config: ModelConfig, state: StateDict, end_of_text: int | None)
     # assignment gives the head and the embedding separate parameters; tying makes them one again
     model.tie_weights()
     model.generation_config = transformers.GenerationConfig(
-        **_special_tokens(end_of_text),
+        **special_tokens(end_of_text),
         # without max_new_tokens a generation stops where the text fills the context the model was trained on
         # (the pipeline's own default, 256 new tokens, would run past it); past it, see the card
         max_length=config.block_size,
@@ -580,7 +139,7 @@ def _run_tokenizer(kind: str, run: RunConfig, run_dir: Path) -> PreTrainedTokeni
     """The tokenizer that made the run's ids (``kind``: byte, gpt2 or bpe), as a Hugging Face fast tokenizer.
     Where the vocabulary has ``<|endoftext|>``, which ends every training document, it is the end-of-text, start
     and padding token; the byte vocabulary has no special token at all."""
-    transformers = _transformers()
+    transformers = transformers_module()
     if kind == "byte":
         tokenizer = _byte_tokenizer()
     elif kind == "gpt2":
@@ -656,11 +215,11 @@ def import_pretrained(hf_dir: str | Path) -> tuple[ModelConfig, nn.Module]:
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise DepthgrowError(f"{hf_dir} is not a Hugging Face model folder: it has no config.json")
-    transformers = _transformers()
+    transformers = transformers_module()
     hf_config = transformers.AutoConfig.from_pretrained(hf_dir, local_files_only=True)
-    adapter = next((a for a in ADAPTERS.values() if a.model_type == hf_config.model_type), None)
+    adapter = next((a for a in _adapters().values() if a.model_type == hf_config.model_type), None)
     if adapter is None:
-        known = ", ".join(a.model_type for a in ADAPTERS.values())
+        known = ", ".join(a.model_type for a in _adapters().values())
         raise DepthgrowError(
             f"no depthgrow family for Hugging Face model type {hf_config.model_type!r}; known: {known}"
         )
@@ -671,7 +230,7 @@ def import_pretrained(hf_dir: str | Path) -> tuple[ModelConfig, nn.Module]:
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, config=hf_config, local_files_only=True)
     state = adapter.from_hf(config, hf_model.state_dict())
     del hf_model
-    _, model_class = FAMILIES[config.family]
+    model_class = FAMILIES[config.family].model
     with torch.device("meta"):
         model = model_class(config)
     try:

@@ -321,7 +321,8 @@ class _Run:
         x, y = self.world.shard(x).to(self.device), self.world.shard(y).to(self.device)
         with self.autocast():
             loss = loss_fn(self.model(x), y)
-        loss.backward()
+        auxiliary = plain_module(self.model).auxiliary_loss()  # a router's balancing loss: trained, not logged
+        (loss if auxiliary is None else loss + auxiliary).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         shared = torch.stack([loss.detach(), torch.tensor(float(stop.requested), device=self.device)])
@@ -380,10 +381,7 @@ class _Run:
         record = dict(event="eval", step=self.state.step, val_loss=val_loss, val_accuracy=accuracy, **self.counters())
         if phase is not None:
             record["phase"] = phase
-        model = plain_module(self.model)
-        if hasattr(model, "expert_usage"):  # mixtures of experts: load per block since the last eval (global batch)
-            record["expert_usage"] = model.expert_usage()
-            model.reset_expert_usage()
+        record.update(plain_module(self.model).eval_metrics())  # an MoE's expert usage since the last eval
         self.write(record)
         if self.log is not None:
             self.log.flush()

@@ -274,7 +274,7 @@ def command_help(capsys, monkeypatch, command: str) -> str:
 def test_the_help_of_a_config_command_names_every_key_of_every_section(capsys, monkeypatch, command):
     text = command_help(capsys, monkeypatch, command)
     classes = {name: [cls] for name, cls in SECTIONS.items()}
-    classes["model"] = [config_class for config_class, _ in FAMILIES.values()]
+    classes["model"] = [family.config for family in FAMILIES.values()]
     for section, section_classes in classes.items():
         for section_class in section_classes:
             for f in dataclasses.fields(section_class):

@@ -370,7 +370,7 @@ def test_config_differences_key_missing_on_one_side():
 
 # ------------------------------------------------------------------------------------------- field docs
 
-SECTION_CLASSES = [*SECTIONS.values(), *(config_class for config_class, _ in FAMILIES.values())]
+SECTION_CLASSES = [*SECTIONS.values(), *(family.config for family in FAMILIES.values())]
 
 
 @pytest.mark.parametrize("section_class", SECTION_CLASSES, ids=lambda c: c.__name__)
@@ -414,7 +414,7 @@ def test_config_keys_cover_every_field_of_every_section_and_family_once():
     names = [key.key for key in keys]
     assert len(names) == len(set(names))
     expected = {"model.preset", "model.family"}
-    expected |= {f"model.{f.name}" for config_class, _ in FAMILIES.values() for f in dataclasses.fields(config_class)}
+    expected |= {f"model.{f.name}" for family in FAMILIES.values() for f in dataclasses.fields(family.config)}
     expected |= {f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
     assert set(names) == expected
     shown = {key.key: key for key in keys}

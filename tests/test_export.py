@@ -12,8 +12,8 @@ from depthgrow.bpe import END_OF_TEXT
 from depthgrow.checkpoint import load_checkpoint, save_checkpoint
 from depthgrow.cli import main
 from depthgrow.data import GPT2_BPE_ENV, embedded_corpus_files, gpt2_encoding
-from depthgrow.export import ADAPTERS, export_checkpoint, import_pretrained
-from depthgrow.models import MoEConfig
+from depthgrow.export import export_checkpoint, import_pretrained
+from depthgrow.models import FAMILIES, MoEConfig
 
 transformers = pytest.importorskip("transformers")
 safetensors = pytest.importorskip("safetensors")
@@ -492,7 +492,7 @@ def test_export_errors_get_one_line_and_exit_status_2(tmp_path, capsys, monkeypa
     out = tmp_path / "hf"
     monkeypatch.delenv(GPT2_BPE_ENV, raising=False)
     if case == "no adapter":
-        monkeypatch.delitem(ADAPTERS, "gpt2")
+        monkeypatch.setitem(FAMILIES, "gpt2", dataclasses.replace(FAMILIES["gpt2"], hf=None))
     elif case == "missing checkpoint":
         source = tmp_path / "nowhere"
     elif case == "non-empty out_dir":

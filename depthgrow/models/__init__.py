@@ -1,30 +1,40 @@
-"""Model families: name -> (config class, model class), and building a model from its config."""
+"""Model families: every module here that declares ``FAMILY`` (a :class:`~depthgrow.models.base.Family`),
+found by name, and building a model from its config. A new family is a new module: nothing here changes."""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+import importlib
+import pkgutil
 
-from depthgrow.models.base import GrowableModel, ModelConfig
+import torch
+
+from depthgrow.models.base import Family, GrowableModel, ModelConfig
 from depthgrow.models.gpt2 import GPT2, GPT2Config
 from depthgrow.models.llama import Llama, LlamaConfig
 from depthgrow.models.moe import MoE, MoEConfig
 from depthgrow.models.resnet import ResNet, ResNetConfig
 
-FAMILIES: dict[str, tuple[type[ModelConfig], type[nn.Module]]] = {
-    GPT2Config.family: (GPT2Config, GPT2),
-    LlamaConfig.family: (LlamaConfig, Llama),
-    MoEConfig.family: (MoEConfig, MoE),
-    ResNetConfig.family: (ResNetConfig, ResNet),
-}
+
+def _declared_families() -> dict[str, Family]:
+    """Every ``FAMILY`` of a module of this package, by family name, in module-name order."""
+    families: dict[str, Family] = {}
+    for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
+        family = getattr(importlib.import_module(f"{__name__}.{module_info.name}"), "FAMILY", None)
+        if isinstance(family, Family):
+            if family.name in families:
+                raise RuntimeError(f"two modules declare the model family {family.name!r}")
+            families[family.name] = family
+    return families
 
 
-def build_model(config: ModelConfig, *, seed: int, device: str | torch.device = "cpu") -> nn.Module:
+FAMILIES: dict[str, Family] = _declared_families()
+
+
+def build_model(config: ModelConfig, *, seed: int, device: str | torch.device = "cpu") -> GrowableModel:
     """Build on the meta device (no memory for weights that are overwritten anyway), allocate on
     ``device``, then initialise every parameter with ``init_weights(seed)``."""
-    _, model_class = FAMILIES[config.family]
     with torch.device("meta"):
-        model = model_class(config)
+        model = FAMILIES[config.family].model(config)
     model.to_empty(device=device)
     model.init_weights(seed)
     return model
@@ -33,6 +43,7 @@ def build_model(config: ModelConfig, *, seed: int, device: str | torch.device = 
 __all__ = [
     "FAMILIES",
     "GPT2",
+    "Family",
     "GPT2Config",
     "GrowableModel",
     "Llama",

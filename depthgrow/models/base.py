@@ -1,9 +1,12 @@
 """What every model family supplies, so that growth, FLOP accounting and the trainer never special-case one.
 
-A family is a config dataclass (subclass of :class:`ModelConfig`) and an ``nn.Module`` built from it that
-follows :class:`GrowableModel`. Growth only needs the block stacks (found by their parameter-name prefix),
-a way to make and initialise one block as a fresh model of the current depth would, and the modules
-whose outputs are added to the residual stream (zeroed by the function-preserving inits).
+A family is one module of :mod:`depthgrow.models` that declares ``FAMILY = Family(...)``: its config dataclass
+(a subclass of :class:`ModelConfig`), its model class (a subclass of :class:`GrowableModel`), its named presets
+and, for language models, its Hugging Face :class:`~depthgrow.models.hf.Adapter`. The registry
+(:data:`depthgrow.models.FAMILIES`) finds every such module by itself: adding a family is adding its file.
+Growth only needs the block stacks (found by their parameter-name prefix), a way to make and initialise one
+block as a fresh model of the current depth would, and the modules whose outputs are added to the residual
+stream (zeroed by the function-preserving inits); the trainer only the hooks of :class:`GrowableModel`.
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ import math
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from depthgrow.docfield import doc_field
 from depthgrow.seeding import derived_generator
+
+if TYPE_CHECKING:
+    from depthgrow.models.hf import Adapter
 
 WeightInit = Literal["standard", "spectral"]
 
@@ -71,39 +77,64 @@ class ModelConfig:
         return spectral_std(fan_out, fan_in) if self.weight_init == "spectral" else standard
 
 
-@runtime_checkable
-class GrowableModel(Protocol):
+class GrowableModel(nn.Module):
+    """The base of every family's model: what growth and the trainer call. A family overrides the methods
+    that raise, and the hooks whose defaults (a dense model's) do not fit it."""
+
     config: ModelConfig
 
     def block_stacks(self) -> dict[str, nn.ModuleList]:
         """The stacks whose length is the depth, keyed by their parameter-name prefix."""
-        ...
+        raise NotImplementedError
 
     def make_block(self, stack: str) -> nn.Module:
         """A new, uninitialised block for ``stack``, on the model's device and dtype."""
-        ...
+        raise NotImplementedError
 
     def init_block(self, stack: str, index: int, block: nn.Module, seed: int) -> None:
         """Initialise ``block`` as slot ``index`` of ``stack`` in a fresh model of depth ``config.n_layer``
         would be, drawing from a generator derived from (seed, stack, index) only."""
-        ...
+        raise NotImplementedError
 
     def residual_projections(self, block: nn.Module) -> list[nn.Module]:
         """The modules whose outputs the block adds to the residual stream."""
-        ...
+        raise NotImplementedError
+
+    def init_weights(self, seed: int) -> None:
+        """Set every parameter and buffer: the model is built on the meta device and allocated with
+        ``to_empty``, so nothing holds a meaningful value before this."""
+        raise NotImplementedError
+
+    # --- hooks: a dense model's defaults ---
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """A loss the last training forward adds to the task's (a router's load-balancing loss), or None.
+        The trainer backpropagates the sum and logs the task's loss alone, comparable across families."""
+        return None
 
     def before_optimizer_step(self) -> None:
         """Apply what the training forwards since the last step decided beside the gradients (an MoE's
         balancing bias); ``build_optimizer`` calls it from an optimizer pre-step hook, so that only a training
         step changes the model. Nothing for the dense families."""
-        ...
 
-    def init_weights(self, seed: int) -> None:
-        """Set every parameter and buffer: the model is built on the meta device and allocated with
-        ``to_empty``, so nothing holds a meaningful value before this."""
-        ...
+    def eval_metrics(self) -> dict[str, Any]:
+        """Fields an evaluation record adds about the training since the last evaluation (an MoE's expert
+        usage), after which their counts start again. None for the dense families."""
+        return {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+@dataclass(frozen=True)
+class Family:
+    """One model family, declared as ``FAMILY`` in its module of :mod:`depthgrow.models`."""
+
+    config: type[ModelConfig]
+    model: type[GrowableModel]
+    presets: dict[str, ModelConfig]  # named configs of this family (``model.preset``)
+    hf: Adapter | None = None  # the Hugging Face export; None: the family has none (an image model)
+
+    @property
+    def name(self) -> str:
+        return self.config.family
 
 
 # --- helpers every family's init uses, so that all families draw the same way ---

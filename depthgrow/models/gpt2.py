@@ -10,23 +10,39 @@ separate ``lm_head.weight`` entry for the tied head.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from depthgrow.docfield import doc_field
+from depthgrow.errors import DepthgrowError
 from depthgrow.models.base import (
     EMBEDDING_STREAM,
+    Family,
+    GrowableModel,
     ModelConfig,
     block_generator,
     init_block_weights,
     materialize,
     normal_,
 )
+from depthgrow.models.hf import (
+    Adapter,
+    StateDict,
+    refuse,
+    special_tokens,
+    transformers_module,
+    with_tied_head,
+    without_head,
+)
 from depthgrow.seeding import derived_generator
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -137,7 +153,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT2(nn.Module):
+class GPT2(GrowableModel):
     STACK = "transformer.h"
 
     def __init__(self, config: GPT2Config) -> None:
@@ -169,9 +185,6 @@ class GPT2(nn.Module):
 
     def block_stacks(self) -> dict[str, nn.ModuleList]:
         return {self.STACK: self.transformer.h}
-
-    def before_optimizer_step(self) -> None:
-        pass  # nothing beside the gradients
 
     def make_block(self, stack: str) -> nn.Module:
         return materialize(lambda: Block(self.config), like=self.transformer.wte.weight)
@@ -218,3 +231,170 @@ class GPT2(nn.Module):
             self.transformer.ln_f.bias.zero_()
         for index, block in enumerate(self.transformer.h):
             self.init_block(self.STACK, index, block, seed)
+
+
+# --- Hugging Face: GPT2LMHeadModel ---
+
+# HF GPT-2 keeps these four projections as Conv1D, whose weight is stored (in, out): nn.Linear's transposed
+_GPT2_CONV1D = re.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
+_GPT2_POSITIONS = "transformer.wpe.weight"
+_GPT2_EMBEDDINGS = ("transformer.wte.weight", _GPT2_POSITIONS)
+# HF's GPT-2 looks each position up in its table, so a generation past the context would index past the
+# depthgrow model's: the exported table holds this many contexts, every row past the first context a copy of
+# its last row. Eight: long continuations, for 7 · block_size · n_embd more parameters (4 % of GPT-2 124M)
+_GPT2_EXPORTED_CONTEXTS = 8
+_GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both the tanh-approximated GELU depthgrow uses
+_LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which depthgrow's GPT-2 uses
+
+
+def _gpt2_to_hf_config(config: GPT2Config, end_of_text: int | None) -> PretrainedConfig:
+    return transformers_module().GPT2Config(
+        vocab_size=config.vocab_size,
+        n_positions=_GPT2_EXPORTED_CONTEXTS * config.block_size,
+        # the context the model was trained on, which the import reads back: transformers no longer reads it,
+        # and older GPT-2 tooling takes the context from it
+        n_ctx=config.block_size,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_inner=None,  # 4 * n_embd, as depthgrow's MLP
+        activation_function="gelu_new",
+        layer_norm_epsilon=_LAYER_NORM_EPS,
+        resid_pdrop=config.dropout,
+        embd_pdrop=config.dropout,
+        attn_pdrop=config.dropout,
+        initializer_range=config.init_std,
+        tie_word_embeddings=True,
+        **special_tokens(end_of_text),
+    )
+
+
+def _gpt2_from_hf_config(hf: PretrainedConfig) -> GPT2Config:
+    problems = []
+    if hf.activation_function not in _GPT2_ACTIVATIONS:
+        problems.append(f"activation_function is {hf.activation_function!r}, not the tanh GELU (gelu_new)")
+    if hf.n_inner not in (None, 4 * hf.n_embd):
+        problems.append(f"n_inner is {hf.n_inner}, not 4 * n_embd")
+    if hf.layer_norm_epsilon != _LAYER_NORM_EPS:
+        problems.append(f"layer_norm_epsilon is {hf.layer_norm_epsilon}, not {_LAYER_NORM_EPS}")
+    if not hf.tie_word_embeddings:
+        problems.append("its LM head is not tied to the token embedding")
+    if not hf.scale_attn_weights or hf.scale_attn_by_inverse_layer_idx:
+        problems.append("its attention scores are not scaled by 1/sqrt(head size)")
+    if hf.add_cross_attention:
+        problems.append("it has cross-attention")
+    # depthgrow has one dropout rate where GPT-2 has three
+    dropouts = {hf.resid_pdrop, hf.embd_pdrop, hf.attn_pdrop}
+    if len(dropouts) > 1:
+        problems.append(f"its dropout rates differ (resid/embd/attn {hf.resid_pdrop}/{hf.embd_pdrop}/{hf.attn_pdrop})")
+    context = _gpt2_context(hf)
+    if context > hf.n_positions:
+        problems.append(
+            f"its context n_ctx ({context}) is longer than its position table (n_positions {hf.n_positions})"
+        )
+    refuse("GPT-2", problems)
+    return GPT2Config(
+        n_layer=hf.n_layer,
+        n_embd=hf.n_embd,
+        n_head=hf.n_head,
+        block_size=context,
+        vocab_size=hf.vocab_size,
+        bias=True,  # HF's GPT-2 always has biases, and after an export of bias=False they may have trained
+        dropout=hf.resid_pdrop,
+        init_std=hf.initializer_range,
+    )
+
+
+def _gpt2_context(hf: PretrainedConfig) -> int:
+    # a GPT-2 not exported by depthgrow may lack n_ctx: its whole position table is then its context
+    return getattr(hf, "n_ctx", None) or hf.n_positions
+
+
+def _gpt2_to_hf(config: GPT2Config, state: StateDict) -> StateDict:
+    hf = {}
+    for name, tensor in state.items():
+        hf[name] = tensor.t().contiguous() if _GPT2_CONV1D.fullmatch(name) else tensor
+        if name == _GPT2_POSITIONS:
+            # every position past the context reads as its last one (the card says so)
+            rows = torch.arange(_GPT2_EXPORTED_CONTEXTS * config.block_size).clamp(max=config.block_size - 1)
+            hf[name] = tensor[rows.to(tensor.device)]
+        bias = name.removesuffix("weight") + "bias"
+        if name.endswith(".weight") and name not in _GPT2_EMBEDDINGS and bias not in state:
+            # a bias=False model: HF's GPT-2 has no switch for biases, and a zero bias adds nothing, so the
+            # export computes exactly the function of the depthgrow model (the card says so)
+            hf[bias] = tensor.new_zeros(tensor.shape[0])
+    return with_tied_head(hf, "transformer.wte.weight")
+
+
+def _gpt2_from_hf(config: GPT2Config, hf: StateDict) -> StateDict:
+    # the head is the token embedding (from_hf_config refuses an untied one); depthgrow keeps it once
+    state = {
+        name: tensor.t().contiguous() if _GPT2_CONV1D.fullmatch(name) else tensor
+        for name, tensor in without_head(hf).items()
+    }
+    positions, context = state[_GPT2_POSITIONS], config.block_size
+    past = positions[context:]
+    # rows past the context are an export's copies of its last row, which the import drops; other rows there
+    # would be positions of their own, which depthgrow's GPT-2 of this context has no place for
+    if not torch.equal(past, positions[context - 1].expand_as(past)):
+        raise DepthgrowError(
+            f"this GPT-2's position embeddings past its context (n_ctx {context}) differ from the last one within "
+            f"it: depthgrow's GPT-2 has one per position of its context (set n_ctx to n_positions to import them)"
+        )
+    # a copy: a view would keep the whole table alive
+    state[_GPT2_POSITIONS] = positions[:context].clone()
+    return state
+
+
+def _gpt2_past_context(config: GPT2Config) -> str:
+    context, rows = config.block_size, _GPT2_EXPORTED_CONTEXTS * config.block_size
+    return (
+        f"Hugging Face's GPT-2 gives every position a learned embedding of its own, and the depthgrow model "
+        f"learned {context}. So that a generation past the context does not index past that table, this export's "
+        f"table has {rows} rows (`n_positions: {rows}`; `n_ctx: {context}` is the context): rows {context} to "
+        f"{rows - 1} are copies of row {context - 1}, so every position past the context is read as the last "
+        f"position within it. The first {context} tokens give exactly the depthgrow model's outputs; past them the "
+        f"model reads sequences longer than any it was trained on, with positions it never told apart, so expect "
+        f"the text to degrade. Beyond {rows} tokens (prompt and continuation together) it cannot run at all (an "
+        f"IndexError). An import into depthgrow (`depthgrow.export.import_pretrained`) drops the copies."
+    )
+
+
+def _gpt2_card_notes(config: GPT2Config) -> list[str]:
+    if config.bias:
+        return []
+    return [
+        "The depthgrow model was trained without biases (`model.bias = false`). Hugging Face's GPT-2 always "
+        "has them, so every bias in this export is zero and the model computes exactly what the depthgrow "
+        "model did."
+    ]
+
+
+FAMILY = Family(
+    config=GPT2Config,
+    model=GPT2,
+    presets={
+        # a few thousand parameters per block: for tests and smoke runs
+        "gpt2-test": GPT2Config(n_layer=2, n_embd=32, n_head=2, block_size=32, vocab_size=256),
+        # the byte-level demo (the embedded default before the faithful recipe): four blocks of width 64, context 64
+        "gpt2-micro": GPT2Config(n_layer=4, n_embd=64, n_head=2, block_size=64, vocab_size=256),
+        # the embedded-default demo since the faithful recipe: four blocks of width 48 over a 1024-token BPE
+        # vocabulary; the token and position embeddings are 31.6 % of its 165K parameters (GPT-2 124M: 31.7 %)
+        "gpt2-micro-bpe": GPT2Config(n_layer=4, n_embd=48, n_head=2, block_size=64, vocab_size=1024),
+        "gpt2-tiny": GPT2Config(n_layer=4, n_embd=128, n_head=4, block_size=128, vocab_size=256),
+        "gpt2-mini": GPT2Config(n_layer=8, n_embd=256, n_head=8, block_size=256, vocab_size=256),
+        # the paper's models
+        "gpt2-124m": GPT2Config(n_layer=12, n_embd=768, n_head=12),
+        "gpt2-350m": GPT2Config(n_layer=24, n_embd=1024, n_head=16),
+        "gpt2-7b": GPT2Config(n_layer=60, n_embd=3072, n_head=24),
+    },
+    hf=Adapter(
+        model_type="gpt2",
+        to_hf_config=_gpt2_to_hf_config,
+        from_hf_config=_gpt2_from_hf_config,
+        to_hf=_gpt2_to_hf,
+        from_hf=_gpt2_from_hf,
+        past_context=_gpt2_past_context,
+        card_notes=_gpt2_card_notes,
+    ),
+)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,13 +24,27 @@ from torch import nn
 from depthgrow.docfield import doc_field
 from depthgrow.models.base import (
     EMBEDDING_STREAM,
+    Family,
+    GrowableModel,
     ModelConfig,
     block_generator,
     init_block_weights,
     materialize,
     normal_,
 )
+from depthgrow.models.hf import (
+    Adapter,
+    StateDict,
+    refuse,
+    special_tokens,
+    transformers_5,
+    with_tied_head,
+    without_head,
+)
 from depthgrow.seeding import derived_generator
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -225,7 +239,7 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Llama(nn.Module):
+class Llama(GrowableModel):
     STACK = "model.layers"
 
     def __init__(self, config: DecoderConfig) -> None:
@@ -264,9 +278,6 @@ class Llama(nn.Module):
 
     def block_stacks(self) -> dict[str, nn.ModuleList]:
         return {self.STACK: self.model.layers}
-
-    def before_optimizer_step(self) -> None:
-        pass  # nothing beside the gradients
 
     def make_block(self, stack: str) -> nn.Module:
         return materialize(self.new_block, like=self.model.embed_tokens.weight)
@@ -313,3 +324,153 @@ class Llama(nn.Module):
         self.model.norm.weight.fill_(1.0)
         for index, block in enumerate(self.model.layers):
             self.init_block(self.STACK, index, block, seed)
+
+
+# --- Hugging Face: what every LLaMA-style decoder's mapping shares (LlamaForCausalLM, Glm4MoeForCausalLM, ...) ---
+
+# depthgrow's decoders take their parameter names from these two classes: nothing is renamed; only a tied
+# head (and the MoE's experts, which HF fuses) differ between the two state dicts
+DECODER_EMBEDDING = "model.embed_tokens.weight"
+
+
+def decoder_hf_fields(config: DecoderConfig, end_of_text: int | None, **rope: float) -> dict[str, Any]:
+    """The config fields of both HF decoders for depthgrow's decoder (attention, norms, positions, head,
+    special tokens); ``rope`` adds to the rotary parameters."""
+    return dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.n_embd,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=config.n_kv_head,
+        max_position_embeddings=config.block_size,
+        rms_norm_eps=config.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta, **rope},
+        tie_word_embeddings=config.tie_embeddings,
+        hidden_act="silu",
+        attention_bias=False,
+        attention_dropout=0.0,
+        initializer_range=config.init_std,
+        **special_tokens(end_of_text),
+    )
+
+
+def decoder_problems(hf: PretrainedConfig) -> list[str]:
+    """What depthgrow's decoder cannot express in the fields both HF decoders share."""
+    problems = []
+    if hf.hidden_act != "silu":
+        problems.append(f"hidden_act is {hf.hidden_act!r}, not 'silu' (SwiGLU)")
+    rope_type = hf.rope_parameters.get("rope_type", "default")
+    if rope_type != "default":
+        problems.append(f"its rotary embedding is scaled ({rope_type!r}), not plain RoPE")
+    if hf.attention_bias:
+        problems.append("its attention projections have biases")
+    if hf.attention_dropout:
+        problems.append(f"it has attention dropout ({hf.attention_dropout})")
+    head_dim = getattr(hf, "head_dim", None)
+    if head_dim not in (None, hf.hidden_size // hf.num_attention_heads):
+        problems.append(f"head_dim is {head_dim}, not hidden_size / num_attention_heads")
+    return problems
+
+
+def decoder_fields(hf: PretrainedConfig) -> dict[str, Any]:
+    """The :class:`DecoderConfig` fields of an HF decoder's config."""
+    return dict(
+        n_layer=hf.num_hidden_layers,
+        n_embd=hf.hidden_size,
+        n_head=hf.num_attention_heads,
+        n_kv_head=hf.num_key_value_heads,
+        block_size=hf.max_position_embeddings,
+        vocab_size=hf.vocab_size,
+        rope_theta=float(hf.rope_parameters["rope_theta"]),
+        norm_eps=hf.rms_norm_eps,
+        tie_embeddings=hf.tie_word_embeddings,
+        init_std=hf.initializer_range,
+    )
+
+
+def decoder_to_hf(config: DecoderConfig, state: StateDict) -> StateDict:
+    # a tied depthgrow model has no lm_head entry; HF's strict load wants one
+    return with_tied_head(state, DECODER_EMBEDDING) if config.tie_embeddings else dict(state)
+
+
+def decoder_from_hf(config: DecoderConfig, hf: StateDict) -> StateDict:
+    return without_head(hf) if config.tie_embeddings else dict(hf)
+
+
+def rotary_past_context(config: DecoderConfig) -> str:
+    return (
+        "Rotary positions need no table: asked to, the model generates past its context, reading sequences longer "
+        "than any it was trained on, so expect the text to degrade there."
+    )
+
+
+# --- Hugging Face: LlamaForCausalLM ---
+
+
+def _llama_to_hf_config(config: LlamaConfig, end_of_text: int | None) -> PretrainedConfig:
+    return transformers_5().LlamaConfig(
+        **decoder_hf_fields(config, end_of_text),
+        head_dim=config.head_dim,
+        intermediate_size=config.ffn_size,
+        mlp_bias=False,
+    )
+
+
+def _llama_from_hf_config(hf: PretrainedConfig) -> LlamaConfig:
+    transformers_5()
+    problems = decoder_problems(hf)
+    if hf.mlp_bias:
+        problems.append("its feed-forward projections have biases")
+    refuse("LLaMA", problems)
+    # ffn_hidden set even where LLaMA's rule would give the same size: the config then says it as HF does
+    return LlamaConfig(**decoder_fields(hf), ffn_hidden=hf.intermediate_size)
+
+
+FAMILY = Family(
+    config=LlamaConfig,
+    model=Llama,
+    presets={
+        # LLaMA-3 style (RMSNorm, RoPE, SwiGLU, grouped-query attention); the CPU ones match gpt2-test/-tiny
+        "llama-test": LlamaConfig(
+            n_layer=2, n_embd=32, n_head=4, n_kv_head=2, ffn_hidden=96, block_size=32, vocab_size=256
+        ),
+        "llama-micro": LlamaConfig(  # the compare recipe's size (gpt2-micro)
+            n_layer=4, n_embd=64, n_head=2, n_kv_head=1, ffn_hidden=176, block_size=64, vocab_size=256
+        ),
+        "llama-micro-bpe": LlamaConfig(  # gpt2-micro-bpe's size: the tied embedding 33 % of 151K parameters
+            n_layer=4,
+            n_embd=48,
+            n_head=2,
+            n_kv_head=1,
+            ffn_hidden=128,
+            block_size=64,
+            vocab_size=1024,
+            tie_embeddings=True,
+        ),  # fmt: skip
+        "llama-tiny": LlamaConfig(  # 0.80M parameters (gpt2-tiny: 0.83M)
+            n_layer=4, n_embd=128, n_head=4, n_kv_head=2, ffn_hidden=352, block_size=128, vocab_size=256
+        ),
+        # the paper's dense scaling-law sizes, embeddings tied as in LLaMA-3.2 1B/3B (an untied 128256 x d head
+        # would be most of the small ones); total parameters, and of the zero-layer model:
+        "llama3-250m": LlamaConfig(  # 249.5M, zero-layer 98.5M
+            n_layer=24, n_embd=768, n_head=12, n_kv_head=4, ffn_hidden=2048, tie_embeddings=True
+        ),
+        "llama3-500m": LlamaConfig(  # 492.1M, zero-layer 131.3M
+            n_layer=32, n_embd=1024, n_head=16, n_kv_head=4, ffn_hidden=2816, tie_embeddings=True
+        ),
+        "llama3-1b": LlamaConfig(  # 1002.4M, zero-layer 197.0M
+            n_layer=32, n_embd=1536, n_head=12, n_kv_head=4, ffn_hidden=4096, tie_embeddings=True
+        ),
+        "llama3-2b": LlamaConfig(  # 2024.4M, zero-layer 262.7M (LLaMA-3.2 1B's blocks, 28 of them)
+            n_layer=28, n_embd=2048, n_head=16, n_kv_head=8, ffn_hidden=8192, tie_embeddings=True
+        ),
+    },
+    hf=Adapter(
+        model_type="llama",
+        to_hf_config=_llama_to_hf_config,
+        from_hf_config=_llama_from_hf_config,
+        to_hf=decoder_to_hf,
+        from_hf=decoder_from_hf,
+        past_context=rotary_past_context,
+    ),
+)

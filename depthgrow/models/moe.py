@@ -14,7 +14,13 @@ mode under ``no_grad``) never changes the model. A loop with its own torch optim
 Routing has no noise: a seed and a batch determine it.
 
 Tokens are dispatched by sorting the (token, expert) pairs by expert and running each expert once on the
-tokens routed to it, so the expert matmuls cost ``top_k / n_expert`` of running every expert on every token.
+tokens routed to it, so the expert matmuls cost ``top_k / n_expert`` of running every expert on every token:
+one grouped matmul (``torch._grouped_mm``) per projection over all experts, its groups given by a tensor of
+offsets, so the forward never waits for the device to say how many tokens each expert got (no host sync).
+It runs on the CPU in any float dtype and on CUDA in bfloat16 (compute capability 9.0 and up, as under
+``train.precision=bf16``); elsewhere each expert runs in a loop over its group, which reads the group sizes
+(one device-to-host copy per block). Every expert is in the graph whether or not it got a token (a zero
+gradient if not), so data-parallel wrappers need no notion of unused parameters.
 
 Parameter names are DeepSeek-V3's checkpoint names (``model.layers.{i}.mlp.gate.weight`` for the router,
 ``mlp.gate.e_score_correction_bias`` for the balancing bias, ``mlp.experts.{j}.{gate,up,down}_proj`` and
@@ -33,15 +39,32 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import flop_counter
 
 from depthgrow.docfield import doc_field
-from depthgrow.models.llama import Block, DecoderConfig, Llama, SwiGLU
+from depthgrow.models.base import Family
+from depthgrow.models.hf import Adapter, StateDict, refuse, transformers_5
+from depthgrow.models.llama import (
+    Block,
+    DecoderConfig,
+    Llama,
+    SwiGLU,
+    decoder_fields,
+    decoder_from_hf,
+    decoder_hf_fields,
+    decoder_problems,
+    decoder_to_hf,
+    rotary_past_context,
+)
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -141,7 +164,7 @@ class MoEFeedForward(nn.Module):
         # tokens routed to each expert by training steps since the last reset; only for logging, so
         # it stays out of the state dict (and of an export)
         self.register_buffer("tokens_per_expert", torch.empty(config.n_expert, dtype=torch.long), persistent=False)
-        self.pending_load: torch.Tensor | None = None  # the global load of the step's training forward
+        self.pending_load: torch.Tensor | None = None  # this rank's load in the training forwards since the last step
 
     @property
     def down_projections(self) -> list[nn.Module]:
@@ -161,35 +184,77 @@ class MoEFeedForward(nn.Module):
         B, T, C = x.shape
         x = x.reshape(B * T, C)
         chosen, weights = self.route(x)
-        load = torch.bincount(chosen.flatten(), minlength=len(self.experts))
-        global_load = _global(load) if self.training else load
+        pairs = chosen.flatten()
+        # tokens per expert, as a tensor of static shape (bincount's length would depend on the values)
+        load = torch.zeros(len(self.experts), dtype=torch.long, device=x.device).scatter_add_(
+            0, pairs, torch.ones_like(pairs)
+        )
         if self.training and torch.is_grad_enabled():
-            self.pending_load = global_load  # the bias moves at the optimizer step (apply_balance)
-        # the (token, slot) pairs sorted by expert: each expert then runs once, on its own tokens only
-        order = chosen.flatten().argsort(stable=True)
-        sizes, global_sizes = torch.stack([load, global_load]).tolist()
-        tokens, pair_weights = (order // self.top_k).split(sizes), weights.flatten()[order].split(sizes)
-        y = torch.zeros_like(x)
-        for expert, rows, w, anywhere in zip(self.experts, tokens, pair_weights, global_sizes, strict=True):
-            # an expert that got no token is left out of the graph: no gradient, so no optimizer step
-            # (nor weight decay) for it, as if it were not there for this batch. Across processes that is
-            # decided by the global batch: an expert with tokens on another rank only runs here on none,
-            # so that its gradient (zero here) exists on every rank, as FSDP2's reduce-scatter needs
-            if anywhere:
-                y.index_add_(0, rows, expert(x[rows]) * w[:, None])
+            # the bias moves at the optimizer step (apply_balance), by the load of the global batch
+            self.pending_load = load if self.pending_load is None else self.pending_load + load
+        # the (token, slot) pairs sorted by expert: each expert's tokens are then one contiguous group
+        order = pairs.argsort(stable=True)
+        tokens = order // self.top_k
+        routed = _experts_forward(self.experts, x[tokens], load)
+        y = torch.zeros_like(x).index_add_(0, tokens, routed * weights.flatten()[order, None])
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(B, T, C)
 
     @torch.no_grad()
     def apply_balance(self) -> None:
-        """Count the load of the step's training forward and move the balancing bias by it."""
+        """Count the load of the step's training forwards over the global batch and move the balancing bias
+        by it."""
         if self.pending_load is None:
             return
-        load, self.pending_load = self.pending_load, None
+        load, self.pending_load = _global(self.pending_load), None
         self.tokens_per_expert += load
         # DeepSeek-V3's auxiliary-loss-free balancing: an overloaded expert's bias falls, an idle one's rises
         self.gate.e_score_correction_bias += self.balance_rate * torch.sign(load.float().mean() - load)
+
+
+def _experts_forward(experts: nn.ModuleList, x: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
+    """Each expert (a :class:`SwiGLU`) applied to its group of the rows of ``x`` (sorted by expert, ``load``
+    rows per expert): two grouped matmuls over the experts' stacked weights, or a loop where the device has
+    no grouped matmul (see the module docstring)."""
+    gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts])  # (E, 2h, d)
+    down = torch.stack([e.down_proj.weight for e in experts])  # (E, d, h)
+    hidden = down.shape[-1]
+    dtype = _grouped_dtype(x, gate_up)
+    if dtype is None:
+        rows = x.split(load.tolist())  # the one host sync, on devices without a grouped matmul
+        return torch.cat([expert(part) for expert, part in zip(experts, rows, strict=True)])
+    offsets = load.cumsum(0).to(torch.int32)
+    h = torch._grouped_mm(x.to(dtype), gate_up.to(dtype).transpose(-2, -1), offs=offsets)
+    h = F.silu(h[:, :hidden]) * h[:, hidden:]
+    return torch._grouped_mm(h, down.to(dtype).transpose(-2, -1), offs=offsets).to(x.dtype)
+
+
+def _grouped_mm_flops(
+    a_shape: torch.Size, b_shape: torch.Size, *args: object, out_shape: torch.Size, **kwargs: object
+) -> int:
+    """2 FLOPs per multiply-add. Two 2-D operands are a weight gradient, whose groups split the contraction
+    (a: (K, M), b: (M, N), out: (E, K, N)); otherwise every output element contracts a's last dimension."""
+    if len(a_shape) == len(b_shape) == 2:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    return 2 * math.prod(out_shape) * a_shape[-1]
+
+
+# torch's FLOP counter has no formula for the grouped matmul (torch 2.13): without one it counts the
+# experts as free, and the families' FLOP formulas could not be checked against it
+if torch.ops.aten._grouped_mm not in flop_counter.flop_registry:
+    flop_counter.register_flop_formula(torch.ops.aten._grouped_mm)(_grouped_mm_flops)
+
+
+def _grouped_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype in which ``torch._grouped_mm`` can multiply ``x`` by ``weight`` here, or None."""
+    if x.device.type == "cpu":
+        return x.dtype
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (9, 0):
+        autocast_bf16 = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+        if autocast_bf16 or x.dtype == weight.dtype == torch.bfloat16:
+            return torch.bfloat16  # what autocast gives a Linear; the kernel takes bfloat16 only
+    return None
 
 
 @torch.no_grad()
@@ -203,8 +268,6 @@ def _global(load: torch.Tensor) -> torch.Tensor:
 
 class MoE(Llama):
     """The LLaMA decoder with a :class:`MoEFeedForward` in every block (see the module docstring)."""
-
-    may_skip_parameters = True  # an expert that gets no token in a step has no gradient (DDP must know)
 
     def new_block(self) -> Block:
         return Block(self.config, MoEFeedForward(self.config))
@@ -224,10 +287,11 @@ class MoE(Llama):
         block.mlp.gate.e_score_correction_bias.zero_()
         block.mlp.tokens_per_expert.zero_()
 
-    def expert_usage(self) -> dict[str, float]:
-        """Per block, the busiest and the idlest expert's token count over the mean (1.0 and 1.0 when
-        perfectly balanced; a min_load of 0 is an expert that got no token), counted over the training
-        forwards since :meth:`reset_expert_usage`. Blocks that have routed no token yet are left out."""
+    def eval_metrics(self) -> dict[str, dict[str, float]]:
+        """``expert_usage``: per block, the busiest and the idlest expert's token count over the mean (1.0 and
+        1.0 when perfectly balanced; a min_load of 0 is an expert that got no token), counted over the
+        training steps since the last call (the global batch's). Blocks that have routed no token are left
+        out. The counts then start again."""
         usage = {}
         for index, block in enumerate(self.model.layers):
             counts = block.mlp.tokens_per_expert.float()
@@ -235,8 +299,189 @@ class MoE(Llama):
                 mean = counts.mean()
                 usage[f"{self.STACK}.{index}.max_load"] = (counts.max() / mean).item()
                 usage[f"{self.STACK}.{index}.min_load"] = (counts.min() / mean).item()
-        return usage
-
-    def reset_expert_usage(self) -> None:
-        for block in self.model.layers:
             block.mlp.tokens_per_expert.zero_()
+        return {"expert_usage": usage}
+
+
+# --- Hugging Face: Glm4MoeForCausalLM ---
+
+_SWIGLU = ("gate", "up", "down")
+
+
+def _moe_to_hf_config(config: MoEConfig, end_of_text: int | None) -> PretrainedConfig:
+    # Glm4Moe's router sums the top 2 scores of each expert group, so it needs 2 experts or more: so does
+    # a valid MoEConfig (top_k >= 2)
+    return transformers_5().Glm4MoeConfig(
+        # Glm4Moe's default rotates half of each head (GLM's partial RoPE); depthgrow rotates all of it
+        **decoder_hf_fields(config, end_of_text, partial_rotary_factor=1.0),
+        n_routed_experts=config.n_expert,
+        num_experts_per_tok=config.top_k,
+        n_shared_experts=config.n_shared_expert,
+        moe_intermediate_size=config.expert_hidden,
+        first_k_dense_replace=0,  # every block routed; GLM's first block is dense
+        intermediate_size=config.expert_hidden,  # of those dense blocks' feed-forward, so unused
+        # one expert group that is always chosen: top-k over all experts, as depthgrow's router
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.0,
+        use_qk_norm=False,
+        num_nextn_predict_layers=0,  # no multi-token-prediction layers
+    )
+
+
+def _moe_from_hf_config(hf: PretrainedConfig) -> MoEConfig:
+    transformers_5()
+    problems = decoder_problems(hf)
+    rotated = hf.rope_parameters.get("partial_rotary_factor", 1.0)
+    if rotated != 1.0:
+        problems.append(f"its rotary embedding turns {rotated} of each head, not all of it")
+    if hf.first_k_dense_replace:
+        problems.append(f"its first {hf.first_k_dense_replace} blocks have a dense feed-forward")
+    if hf.use_qk_norm:
+        problems.append("it normalises queries and keys")
+    if hf.topk_group != hf.n_group:  # equal: every group is chosen, so the groups do not restrict the choice
+        problems.append(f"it routes within the best {hf.topk_group} of {hf.n_group} expert groups")
+    if not hf.norm_topk_prob:
+        problems.append("the weights of the chosen experts are not normalised to sum to 1")
+    if hf.routed_scaling_factor != 1.0:
+        problems.append(f"the routed experts' output is scaled by {hf.routed_scaling_factor}")
+    refuse("Glm4Moe", problems)
+    # balance_rate is not in HF's config (HF does not train the balancing bias): depthgrow's default
+    return MoEConfig(
+        **decoder_fields(hf),
+        n_expert=hf.n_routed_experts,
+        top_k=hf.num_experts_per_tok,
+        n_shared_expert=hf.n_shared_experts,
+        expert_hidden=hf.moe_intermediate_size,
+    )
+
+
+def _moe_to_hf(config: MoEConfig, state: StateDict) -> StateDict:
+    """Fuse each block's experts as HF keeps them in memory: ``experts.gate_up_proj`` (E, 2h, d), each
+    expert's gate rows then its up rows (HF splits the fused output in that order), and ``experts.down_proj``
+    (E, d, h). ``save_pretrained`` writes them back per expert, under depthgrow's names."""
+    hf = decoder_to_hf(config, state)
+    for i in range(config.n_layer):
+        mlp = f"model.layers.{i}.mlp"
+        gate, up, down = (
+            [hf.pop(f"{mlp}.experts.{j}.{kind}_proj.weight") for j in range(config.n_expert)] for kind in _SWIGLU
+        )
+        hf[f"{mlp}.experts.gate_up_proj"] = torch.stack([torch.cat(pair) for pair in zip(gate, up, strict=True)])
+        hf[f"{mlp}.experts.down_proj"] = torch.stack(down)
+        if not config.n_shared_expert:
+            # HF always has a shared expert, of width n_shared_experts · moe_intermediate_size: here 0, and a
+            # SwiGLU of width 0 adds exactly 0, so the export computes what the depthgrow model does
+            d, like = config.n_embd, down[0]
+            for kind, shape in zip(_SWIGLU, [(0, d), (0, d), (d, 0)], strict=True):
+                hf[f"{mlp}.shared_experts.{kind}_proj.weight"] = like.new_zeros(shape)
+    return hf
+
+
+def _moe_from_hf(config: MoEConfig, hf: StateDict) -> StateDict:
+    state = decoder_from_hf(config, hf)
+    h = config.expert_hidden
+    for i in range(config.n_layer):
+        mlp = f"model.layers.{i}.mlp"
+        gate_up, down = state.pop(f"{mlp}.experts.gate_up_proj"), state.pop(f"{mlp}.experts.down_proj")
+        for j in range(config.n_expert):
+            # copies: views would make every expert's parameters share one storage (safetensors refuses that)
+            # and keep the whole fused tensor alive
+            parts = (gate_up[j, :h], gate_up[j, h:], down[j])
+            for kind, tensor in zip(_SWIGLU, parts, strict=True):
+                state[f"{mlp}.experts.{j}.{kind}_proj.weight"] = tensor.clone()
+        if not config.n_shared_expert:
+            for kind in _SWIGLU:
+                del state[f"{mlp}.shared_experts.{kind}_proj.weight"]  # width 0: depthgrow has no module there
+    return state
+
+
+def _moe_card_notes(config: MoEConfig) -> list[str]:
+    notes = [
+        "The balancing bias of each block (`mlp.gate.e_score_correction_bias`) is exported, and Hugging Face's "
+        "Glm4Moe adds it to the sigmoid router scores to choose the experts (and only to choose them) as "
+        "depthgrow does, so both pick the same experts. Only depthgrow updates it during training: its step "
+        f"`balance_rate` ({config.balance_rate}) is not carried (an import into depthgrow takes the default), "
+        "nor are the per-expert token counts (`tokens_per_expert`), which only log expert usage."
+    ]
+    if not config.n_shared_expert:
+        notes.append(
+            "The depthgrow model has no shared expert (`model.n_shared_expert = 0`). Hugging Face's Glm4Moe always "
+            "has one, so this export's has width 0 (`n_shared_experts: 0`): it adds nothing, and the model "
+            "computes exactly what the depthgrow model did."
+        )
+    return notes
+
+
+FAMILY = Family(
+    config=MoEConfig,
+    model=MoE,
+    presets={
+        # DeepSeek-V3 style mixture of experts (sigmoid top-k routing, shared experts, bias balancing)
+        "moe-test": MoEConfig(
+            n_layer=2,
+            n_embd=32,
+            n_head=4,
+            n_kv_head=2,
+            n_expert=4,
+            top_k=2,
+            n_shared_expert=1,
+            expert_hidden=32,
+            block_size=32,
+            vocab_size=256,
+        ),
+        "moe-micro": MoEConfig(  # the compare recipe's size: active parameters near gpt2-micro's
+            n_layer=4,
+            n_embd=64,
+            n_head=2,
+            n_kv_head=1,
+            n_expert=8,
+            top_k=2,
+            n_shared_expert=1,
+            expert_hidden=64,
+            block_size=64,
+            vocab_size=256,
+        ),
+        "moe-micro-bpe": MoEConfig(  # gpt2-micro-bpe's active size: the tied embedding 30 % of the active parameters
+            n_layer=4,
+            n_embd=48,
+            n_head=2,
+            n_kv_head=1,
+            n_expert=8,
+            top_k=2,
+            n_shared_expert=1,
+            expert_hidden=48,
+            block_size=64,
+            vocab_size=1024,
+        ),
+        "moe-tiny": MoEConfig(  # 2.04M parameters, 0.86M active
+            n_layer=4,
+            n_embd=128,
+            n_head=4,
+            n_kv_head=2,
+            n_expert=8,
+            top_k=2,
+            n_shared_expert=1,
+            expert_hidden=128,
+            block_size=128,
+            vocab_size=256,
+        ),
+        # the paper's MoE sizes, named by active parameters; 64 routed experts, 6 active, 2 shared, as
+        # DeepSeek-V2-Lite; embeddings tied (an untied head alone would be 0.1B of the 0.2B active):
+        "deepseek-v3-200m": MoEConfig(  # 203.7M active, 819.5M total, zero-layer 99.3M
+            n_layer=12, n_embd=768, n_head=12, n_kv_head=4, n_expert=64, top_k=6, n_shared_expert=2, expert_hidden=384
+        ),
+        "deepseek-v3-500m": MoEConfig(  # 498.9M active, 2688.3M total, zero-layer 132.4M
+            n_layer=24, n_embd=1024, n_head=16, n_kv_head=4, n_expert=64, top_k=6, n_shared_expert=2, expert_hidden=512
+        ),
+    },
+    hf=Adapter(
+        model_type="glm4_moe",
+        to_hf_config=_moe_to_hf_config,
+        from_hf_config=_moe_from_hf_config,
+        to_hf=_moe_to_hf,
+        from_hf=_moe_from_hf,
+        past_context=rotary_past_context,
+        card_notes=_moe_card_notes,
+    ),
+)

@@ -27,7 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from depthgrow.docfield import doc_field
-from depthgrow.models.base import EMBEDDING_STREAM, ModelConfig, block_generator, materialize, normal_
+from depthgrow.models.base import (
+    EMBEDDING_STREAM,
+    Family,
+    GrowableModel,
+    ModelConfig,
+    block_generator,
+    materialize,
+    normal_,
+)
 from depthgrow.seeding import derived_generator
 
 CLASSIFIER_STD = 0.01
@@ -169,7 +177,7 @@ class Stage(nn.Module):
         return x
 
 
-class ResNet(nn.Module):
+class ResNet(GrowableModel):
     def __init__(self, config: ResNetConfig) -> None:
         super().__init__()
         self.config = config
@@ -192,9 +200,6 @@ class ResNet(nn.Module):
 
     def block_stacks(self) -> dict[str, nn.ModuleList]:
         return {f"stages.{i}.blocks": stage.blocks for i, stage in enumerate(self.stages)}
-
-    def before_optimizer_step(self) -> None:
-        pass  # nothing beside the gradients
 
     def make_block(self, stack: str) -> nn.Module:
         channels = self.config.stage_widths()[_stage_index(stack)]
@@ -264,3 +269,21 @@ def _he_init(
             m.weight.fill_(0.0 if id(m) in zero_ids else 1.0)
             m.bias.zero_()
             m.reset_running_stats()
+
+
+FAMILY = Family(
+    config=ResNetConfig,
+    model=ResNet,
+    presets={
+        # CIFAR-style ResNets with parameter-free transitions; n_layer is blocks per stage (3 stages). Total
+        # parameters, and of the zero-layer model (stem and classifier):
+        "resnet-test": ResNetConfig(n_layer=1, width=4, in_channels=1, image_size=8),  # 6.4K, zero-layer 0.2K
+        # the embedded-default demo on scikit-learn's 8x8 digits, trains in minutes on 2 CPU cores
+        "resnet-digits": ResNetConfig(n_layer=4, width=16, in_channels=1, image_size=8),  # 389.7K, zero-layer 0.8K
+        # He et al.'s CIFAR-10 depths 6n + 2; the first block of each later stage works at the stage's full
+        # width (the original's is a stride-2 block from half the width), hence 0.29M rather than 0.27M
+        "resnet20": ResNetConfig(n_layer=3),  # 292.8K, zero-layer 1.1K
+        "resnet56": ResNetConfig(n_layer=9),  # 876.1K, zero-layer 1.1K
+        "resnet110": ResNetConfig(n_layer=18),  # 1751.0K, zero-layer 1.1K
+    },
+)
