@@ -71,7 +71,13 @@ class DecoderConfig(ModelConfig):
 
     @property
     def head_dim(self) -> int:
+        """The size of one attention head (a family may set it apart from the width, as Qwen3 does)."""
         return self.n_embd // self.n_head
+
+    @property
+    def rope_dim(self) -> int:
+        """The dimensions of a head that the rotary embedding turns (all of them, but for latent attention)."""
+        return self.head_dim
 
     def problems(self) -> list[str]:
         found = super().problems()
@@ -92,9 +98,16 @@ class DecoderConfig(ModelConfig):
         return found
 
     def attention_params(self) -> int:
-        # q_proj and o_proj d x d each; k_proj and v_proj d x (n_kv_head · head_dim) each
-        d = self.n_embd
-        return 2 * d * d + 2 * d * self.n_kv_head * self.head_dim
+        """The attention's matrices: q_proj and o_proj d x (n_head · head_dim) each, k_proj and v_proj
+        d x (n_kv_head · head_dim) each (d x d and smaller when head_dim = d / n_head)."""
+        return 2 * self.n_embd * (self.n_head + self.n_kv_head) * self.head_dim
+
+    def attention_score_flops(self) -> int:
+        """Training FLOPs per token of one block's attention scores Q·Kᵀ and weighted sum of V: 2·T FLOPs per
+        query dimension each forward over the full T x T matrix (as ``torch.utils.flop_counter`` counts
+        them), three times that in training: 12·T·n_head·head_dim (every query head attends, so sharing
+        key/value heads does not change it)."""
+        return 12 * self.block_size * self.n_head * self.head_dim
 
     def outer_params(self, *, embeddings: bool) -> int:
         """What is outside the blocks: the token embedding (when ``embeddings``), an untied LM head and the
@@ -143,15 +156,16 @@ class LlamaConfig(DecoderConfig):
 
         Attention adds the scores Q·Kᵀ and the weighted sum of V, 2·T·d FLOPs per token each forward over
         the full T x T matrix (as ``torch.utils.flop_counter`` counts them), so 12·L·T·d in training, with
-        d = n_head·head_dim: every query head attends, so sharing key/value heads does not change it.
+        d = n_head·head_dim (``attention_score_flops``): every query head attends, so sharing key/value heads
+        does not change it.
 
         ``count_embeddings=True`` follows the paper instead: N counts every parameter (the embedding, an
         untied head as a second V x d matrix, the norms). Combine it with ``count_attention=False`` for the
         paper's 6·N exactly.
         """
-        L, T = self.n_layer, self.block_size
+        L = self.n_layer
         n = self.num_params() if count_embeddings else L * self.block_weights() + self.vocab_size * self.n_embd
-        attention = 12 * L * T * self.n_embd if count_attention else 0
+        attention = L * self.attention_score_flops() if count_attention else 0
         return 6.0 * n + attention
 
 
@@ -188,29 +202,36 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
+    """Grouped-query attention with rotary positions; a family changes how the heads are made by overriding
+    :meth:`heads` (Qwen3 normalises queries and keys there)."""
+
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
         self.head_dim = config.head_dim
         self.group = config.n_head // config.n_kv_head
-        d, kv = config.n_embd, config.n_kv_head * config.head_dim
-        self.q_proj = nn.Linear(d, d, bias=False)
+        d, q, kv = config.n_embd, config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+        self.q_proj = nn.Linear(d, q, bias=False)
         self.k_proj = nn.Linear(d, kv, bias=False)
         self.v_proj = nn.Linear(d, kv, bias=False)
-        self.o_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(q, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        # (B, T, heads·hs) -> (B, heads, T, hs)
-        q, k, v = (
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values (B, heads, T, head_dim) of x (B, T, d), before the rotary embedding."""
+        B, T, _ = x.shape
+        return tuple(
             proj(x).view(B, T, -1, self.head_dim).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.heads(x)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.group > 1:
             # each key/value head serves its group of query heads; repeated here rather than with SDPA's
             # enable_gqa, which no fused CUDA kernel takes in float32 (it falls back to the T x T math path)
             k, v = k.repeat_interleave(self.group, dim=1), v.repeat_interleave(self.group, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class SwiGLU(nn.Module):
@@ -227,10 +248,10 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: DecoderConfig, mlp: nn.Module) -> None:
+    def __init__(self, config: DecoderConfig, attention: nn.Module, mlp: nn.Module) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = attention
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = mlp
 
@@ -255,8 +276,17 @@ class Llama(GrowableModel):
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
 
     def new_block(self) -> Block:
-        """A block on the current device, uninitialised; the MoE family swaps its feed-forward here."""
-        return Block(self.config, SwiGLU(self.config.n_embd, self.config.ffn_size))
+        """A block on the current device, uninitialised, of the family's attention and feed-forward."""
+        return Block(self.config, self.new_attention(), self.new_feed_forward())
+
+    def new_attention(self) -> nn.Module:
+        """A block's attention: called with x (B, T, d) and the rotary tables, it returns (B, T, d). The
+        families built on this decoder swap it here (Qwen3's QK-norm, DeepSeek's latent attention)."""
+        return Attention(self.config)
+
+    def new_feed_forward(self) -> nn.Module:
+        """A block's feed-forward; the mixture-of-experts families swap it here."""
+        return SwiGLU(self.config.n_embd, self.config.ffn_size)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab_size)."""
@@ -265,7 +295,7 @@ class Llama(GrowableModel):
             raise ValueError(f"sequence length {T} exceeds the context length {self.config.block_size}")
         x = self.model.embed_tokens(idx)
         # recomputed per forward (a few T x head_dim tables): nothing to re-create after to_empty or growth
-        cos, sin = rotary_tables(T, self.config.head_dim, self.config.rope_theta, idx.device)
+        cos, sin = rotary_tables(T, self.config.rope_dim, self.config.rope_theta, idx.device)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for block in self.model.layers:
             x = block(x, cos, sin)
@@ -355,7 +385,8 @@ def decoder_hf_fields(config: DecoderConfig, end_of_text: int | None, **rope: fl
 
 
 def decoder_problems(hf: PretrainedConfig) -> list[str]:
-    """What depthgrow's decoder cannot express in the fields both HF decoders share."""
+    """What depthgrow's decoders cannot express in the fields every HF decoder shares (the head size is each
+    family's: see :func:`head_size_problems`)."""
     problems = []
     if hf.hidden_act != "silu":
         problems.append(f"hidden_act is {hf.hidden_act!r}, not 'silu' (SwiGLU)")
@@ -366,10 +397,15 @@ def decoder_problems(hf: PretrainedConfig) -> list[str]:
         problems.append("its attention projections have biases")
     if hf.attention_dropout:
         problems.append(f"it has attention dropout ({hf.attention_dropout})")
+    return problems
+
+
+def head_size_problems(hf: PretrainedConfig) -> list[str]:
+    """A head size other than hidden_size / num_attention_heads, for the families whose head size is that."""
     head_dim = getattr(hf, "head_dim", None)
     if head_dim not in (None, hf.hidden_size // hf.num_attention_heads):
-        problems.append(f"head_dim is {head_dim}, not hidden_size / num_attention_heads")
-    return problems
+        return [f"head_dim is {head_dim}, not hidden_size / num_attention_heads"]
+    return []
 
 
 def decoder_fields(hf: PretrainedConfig) -> dict[str, Any]:
@@ -418,7 +454,7 @@ def _llama_to_hf_config(config: LlamaConfig, end_of_text: int | None) -> Pretrai
 
 def _llama_from_hf_config(hf: PretrainedConfig) -> LlamaConfig:
     transformers_5()
-    problems = decoder_problems(hf)
+    problems = decoder_problems(hf) + head_size_problems(hf)
     if hf.mlp_bias:
         problems.append("its feed-forward projections have biases")
     refuse("LLaMA", problems)

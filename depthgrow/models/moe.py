@@ -51,7 +51,6 @@ from depthgrow.docfield import doc_field
 from depthgrow.models.base import Family
 from depthgrow.models.hf import Adapter, StateDict, refuse, transformers_5
 from depthgrow.models.llama import (
-    Block,
     DecoderConfig,
     Llama,
     SwiGLU,
@@ -60,6 +59,7 @@ from depthgrow.models.llama import (
     decoder_hf_fields,
     decoder_problems,
     decoder_to_hf,
+    head_size_problems,
     rotary_past_context,
 )
 
@@ -133,12 +133,12 @@ class MoEConfig(DecoderConfig):
         Attention scores add 12·L·T·d, as for LLaMA. ``count_embeddings=True`` counts 6 x the active
         parameters (``num_active_params``: embedding and norms included), the paper's counting for MoE.
         """
-        L, T = self.n_layer, self.block_size
+        L = self.n_layer
         if count_embeddings:
             n = self.num_active_params()
         else:
             n = L * self.block_weights(self.top_k) + self.vocab_size * self.n_embd
-        attention = 12 * L * T * self.n_embd if count_attention else 0
+        attention = L * self.attention_score_flops() if count_attention else 0
         return 6.0 * n + attention
 
 
@@ -195,7 +195,7 @@ class MoEFeedForward(nn.Module):
         # the (token, slot) pairs sorted by expert: each expert's tokens are then one contiguous group
         order = pairs.argsort(stable=True)
         tokens = order // self.top_k
-        routed = _experts_forward(self.experts, x[tokens], load)
+        routed = experts_forward(self.experts, x[tokens], load)
         y = torch.zeros_like(x).index_add_(0, tokens, routed * weights.flatten()[order, None])
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
@@ -213,7 +213,7 @@ class MoEFeedForward(nn.Module):
         self.gate.e_score_correction_bias += self.balance_rate * torch.sign(load.float().mean() - load)
 
 
-def _experts_forward(experts: nn.ModuleList, x: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
+def experts_forward(experts: nn.ModuleList, x: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
     """Each expert (a :class:`SwiGLU`) applied to its group of the rows of ``x`` (sorted by expert, ``load``
     rows per expert): two grouped matmuls over the experts' stacked weights, or a loop where the device has
     no grouped matmul (see the module docstring)."""
@@ -269,8 +269,8 @@ def _global(load: torch.Tensor) -> torch.Tensor:
 class MoE(Llama):
     """The LLaMA decoder with a :class:`MoEFeedForward` in every block (see the module docstring)."""
 
-    def new_block(self) -> Block:
-        return Block(self.config, MoEFeedForward(self.config))
+    def new_feed_forward(self) -> nn.Module:
+        return MoEFeedForward(self.config)
 
     def before_optimizer_step(self) -> None:
         for block in self.model.layers:
@@ -332,7 +332,7 @@ def _moe_to_hf_config(config: MoEConfig, end_of_text: int | None) -> PretrainedC
 
 def _moe_from_hf_config(hf: PretrainedConfig) -> MoEConfig:
     transformers_5()
-    problems = decoder_problems(hf)
+    problems = decoder_problems(hf) + head_size_problems(hf)
     rotated = hf.rope_parameters.get("partial_rotary_factor", 1.0)
     if rotated != 1.0:
         problems.append(f"its rotary embedding turns {rotated} of each head, not all of it")
