@@ -3,12 +3,12 @@ import math
 
 import pytest
 import torch
-from growth_checks import CASES, OPTIMIZERS, SEED, grow_and_check
+from growth_checks import OPTIMIZERS, SEED
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from depthgrow import build_model, build_optimizer, grow, load_config, preset, train
+from depthgrow import build_model, build_optimizer, load_config, preset, train
 from depthgrow.models import LlamaConfig, MoEConfig, moe
 from depthgrow.trainer import loss_fn
 
@@ -347,63 +347,6 @@ def test_routed_experts_cost_top_k_over_n_expert_of_dense():
     dense = expert_flops(dataclasses.replace(config, top_k=8))  # every expert on every token
     assert sparse * 8 == dense * 2
     assert sparse == 6 * 2 * 4 * config.block_size * config.top_k * 3 * config.n_embd * config.expert_hidden
-
-
-# --- growth, as tests/test_growth.py checks GPT-2 ---
-
-
-def train_steps(model, optimizer, steps: int, start: int = 0) -> None:
-    for step in range(start, start + steps):
-        idx = tokens(model.config, step)
-        loss_fn(model(idx), idx.roll(-1, dims=1)).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-
-def trained(name: str, source_depth: int, optimizer: str = "adamw", steps: int = 3):
-    model = build_model(preset(name).with_depth(source_depth), seed=SEED)
-    chain = build_optimizer(model, OPTIMIZERS[optimizer])
-    train_steps(model, chain, steps)
-    return model, chain
-
-
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
-@pytest.mark.parametrize(("source_depth", "init"), CASES)
-@pytest.mark.parametrize("name", FAMILIES)
-def test_growth_carries_state_and_trains_every_parameter(name, source_depth, init, optimizer):
-    model, chain = trained(name, source_depth, optimizer)
-    grow_and_check(model, chain, 4, init, train_steps)
-
-
-@pytest.mark.parametrize(
-    ("source_depth", "init"), [(0, "zero"), (1, "zero"), (2, "zero"), (1, "copy_zero"), (2, "copy_zero")]
-)
-@pytest.mark.parametrize("name", FAMILIES)
-def test_function_preserving_inits_keep_the_outputs(name, source_depth, init):
-    model, chain = trained(name, source_depth)
-    idx = tokens(model.config, 100)
-    model.eval()  # an MoE training forward moves the balancing bias, and with it the next routing
-    with torch.no_grad():
-        before = model(idx)
-        after = grow(model, chain, 4, init, seed=SEED).model(idx)
-    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("source_depth", [0, 1, 2])
-@pytest.mark.parametrize("name", FAMILIES)
-def test_random_init_gives_new_blocks_exactly_as_a_fresh_target_depth_model(name, source_depth):
-    model, chain = trained(name, source_depth)
-    grown = grow(model, chain, 4, "random", seed=SEED).model
-    fresh = build_model(preset(name).with_depth(4), seed=SEED)
-    for slot in range(4):
-        ours = {**dict(grown.model.layers[slot].named_parameters()), **dict(grown.model.layers[slot].named_buffers())}
-        theirs = {**dict(fresh.model.layers[slot].named_parameters()), **dict(fresh.model.layers[slot].named_buffers())}
-        assert ours.keys() == theirs.keys()
-        same = [key for key in ours if torch.equal(ours[key], theirs[key])]
-        if slot >= source_depth:
-            assert same == list(ours), slot
-        else:  # the trained block keeps its place
-            assert not torch.equal(ours["self_attn.q_proj.weight"], theirs["self_attn.q_proj.weight"])
 
 
 # --- the trainer ---

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from growth_checks import CASES, OPTIMIZERS, SEED, grow_and_check
+from growth_checks import SEED
 from torch.utils.flop_counter import FlopCounterMode
 
-from depthgrow import DepthgrowError, OptimConfig, build_model, build_optimizer, grow, preset
+from depthgrow import DepthgrowError, OptimConfig, build_model, build_optimizer, preset
 from depthgrow.models import ResNetConfig
 from depthgrow.vision import ImageBatches, ImageData, holdout_split, load_images
 
@@ -323,76 +323,12 @@ def test_batch_larger_than_the_training_split_is_refused(digits):
         ImageBatches(digits, batch_size=1618, eval_batches=1, seed=0)
 
 
-# --- growth, as tests/test_families.py checks the language models ---
-
-
-TARGET = 3
-
-
-def train_steps(model, optimizer, steps: int, start: int = 0) -> None:
+def train_steps(model, optimizer, steps: int) -> None:
     model.train()
-    for step in range(start, start + steps):
+    for step in range(steps):
         loss(model, *images(model.config, step)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
-
-def trained(source_depth: int, optimizer: str = "adamw", steps: int = 3):
-    model = build_model(TEST.with_depth(source_depth), seed=SEED)
-    chain = build_optimizer(model, OPTIMIZERS[optimizer])
-    train_steps(model, chain, steps)
-    return model, chain
-
-
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
-@pytest.mark.parametrize(("source_depth", "init"), CASES)
-def test_growth_carries_state_and_trains_every_parameter(source_depth, init, optimizer):
-    model, chain = trained(source_depth, optimizer)
-    grow_and_check(model, chain, TARGET, init, train_steps)
-
-
-@pytest.mark.parametrize(
-    ("source_depth", "init"), [(0, "zero"), (1, "zero"), (2, "zero"), (1, "copy_zero"), (2, "copy_zero")]
-)
-def test_function_preserving_inits_keep_the_outputs(source_depth, init):
-    model, chain = trained(source_depth)
-    x, _ = images(TEST, 100)
-    model.eval()  # BatchNorm on its running statistics: a training forward would depend on the batch
-    with torch.no_grad():
-        before = model(x)
-        grown = grow(model, chain, TARGET, init, seed=SEED).model
-        after = grown(x)
-    assert torch.equal(after, before)
-    assert grown.stages[2].blocks[TARGET - 1].bn2.weight.abs().sum() == 0
-
-
-@pytest.mark.parametrize("source_depth", [0, 1])
-def test_random_init_changes_the_function(source_depth):
-    model, chain = trained(source_depth)
-    x, _ = images(TEST, 100)
-    model.eval()
-    with torch.no_grad():
-        before = model(x)
-        after = grow(model, chain, TARGET, "random", seed=SEED).model(x)
-    assert (after - before).abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("source_depth", [0, 1, 2])
-def test_random_init_gives_new_blocks_exactly_as_a_fresh_target_depth_model(source_depth):
-    model, chain = trained(source_depth)
-    grown = grow(model, chain, TARGET, "random", seed=SEED).model
-    fresh = build_model(TEST.with_depth(TARGET), seed=SEED)
-    for stack, blocks in grown.block_stacks().items():
-        for slot, block in enumerate(blocks):
-            other = fresh.get_submodule(stack)[slot]
-            ours = {**dict(block.named_parameters()), **dict(block.named_buffers())}
-            theirs = {**dict(other.named_parameters()), **dict(other.named_buffers())}
-            assert len(ours) == 12 and ours.keys() == theirs.keys()
-            same = [key for key in ours if torch.equal(ours[key], theirs[key])]
-            if slot >= source_depth:
-                assert same == list(ours), (stack, slot)
-            else:  # the trained block keeps its place, running statistics included
-                assert "conv1.weight" not in same and "bn1.running_mean" not in same, (stack, slot)
 
 
 @pytest.mark.parametrize("labels", [[0, 10], [-1, 3]], ids=["too-large", "negative"])
