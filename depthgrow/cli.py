@@ -588,22 +588,30 @@ def _config_epilog(command: str, defaults: RunConfig) -> str:
     return "\n".join([intro, *_columns(rows)])
 
 
+VALUE_WIDTH = 14  # a wider value (a long list of families) puts its row's text on the next line
+
+
 def _columns(rows: list[tuple[str, ...]]) -> list[str]:
     """``rows`` as lines of left-aligned columns; the last column wraps at HELP_WIDTH. A row of one cell is a
     heading, set apart by an empty line."""
     columns = [row for row in rows if len(row) > 1]
     widths = [max(len(row[i]) for row in columns) for i in range(len(columns[0]) - 1)]
+    widths[1:] = [min(width, VALUE_WIDTH) for width in widths[1:]]
+    indent = " " * (2 + sum(width + 2 for width in widths))
     lines = []
     for *cells, text in rows:
         if not cells:
             lines += ["", _wrapped(text)]
             continue
         lead = "  " + "".join(f"{cell:<{width}}  " for cell, width in zip(cells, widths, strict=True))
+        if len(lead) > len(indent):  # a cell wider than its column: the text starts on the next line, as argparse's
+            lines.append(lead.rstrip())
+            lead = indent
         lines += textwrap.wrap(
             text,
             HELP_WIDTH,
             initial_indent=lead,
-            subsequent_indent=" " * len(lead),
+            subsequent_indent=indent,
             break_long_words=False,
             break_on_hyphens=False,
         )

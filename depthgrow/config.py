@@ -297,7 +297,9 @@ def config_keys(config: RunConfig) -> list[ConfigKey]:
             if f.name not in own:
                 others.setdefault(f.name, []).append(family)
     for name, families in others.items():
-        doc = field_doc(FAMILIES[families[0]].config, name)
+        # the doc of the family nearest the base that declares the field (LLaMA's ffn_hidden, not a subclass's)
+        nearest = min(families, key=lambda family: len(FAMILIES[family].config.__mro__))
+        doc = field_doc(FAMILIES[nearest].config, name)
         keys.append(ConfigKey(f"model.{name}", f"({', '.join(families)})", doc, tuple(families)))
     for section in SECTIONS:
         keys += _section_keys(section, getattr(config, section))

@@ -31,7 +31,7 @@ CONTRACT = sorted(name for family in FAMILIES.values() for name in family.preset
 EXPORTED = [name for name in CONTRACT if FAMILIES[preset(name).family].hf is not None]
 TARGET = 3
 GOLDEN = Path(__file__).parent / "assets" / "losses"
-GOLDEN_RTOL = 1e-3  # float32 sums in another order (another CPU's vector width) move the 10th step's loss < 1e-5
+GOLDEN_RTOL = 1e-3  # room for float32 sums in another order on another CPU (another vector width)
 
 
 def test_every_family_has_a_test_preset():
@@ -197,7 +197,12 @@ def golden_run(name: str, out_dir: Path) -> list[tuple[int, float]]:
         "growth.at": "5",
         "train.out_dir": str(out_dir),
     }
-    assert train(load_config(None, overrides)).finished
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # another thread count sums convolutions in another order: ResNet's 7th loss moved 0.2 %
+    try:
+        assert train(load_config(None, overrides)).finished
+    finally:
+        torch.set_num_threads(threads)
     return [(r["step"], r["loss"]) for r in read_log(out_dir / LOG_NAME) if r["event"] == "train"]
 
 

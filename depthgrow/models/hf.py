@@ -42,8 +42,7 @@ def transformers_5() -> ModuleType:
     # with the wrong positions), and it keeps MoE experts unfused
     if int(transformers.__version__.split(".")[0]) < 5:
         raise DepthgrowError(
-            f"LLaMA and MoE export needs transformers >= 5, found {transformers.__version__}: "
-            "pip install -U transformers"
+            f"this export needs transformers >= 5, found {transformers.__version__}: pip install -U transformers"
         )
     return transformers
 

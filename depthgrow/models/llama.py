@@ -84,11 +84,8 @@ class DecoderConfig(ModelConfig):
         for name in ("n_embd", "n_head", "n_kv_head", "block_size", "vocab_size"):
             if getattr(self, name) < 1:
                 found.append(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_head >= 1 and self.n_embd % self.n_head:
-            found.append(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
-        elif self.n_head >= 1 and self.head_dim % 2:
-            # RoPE rotates pairs of coordinates
-            found.append(f"the head dimension n_embd / n_head = {self.head_dim} must be even for rotary embeddings")
+        if self.n_head >= 1:
+            found += self.head_problems()
         if self.n_kv_head >= 1 and self.n_head % self.n_kv_head:
             found.append(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
         for name in ("rope_theta", "norm_eps", "init_std"):
@@ -96,6 +93,15 @@ class DecoderConfig(ModelConfig):
             if not (math.isfinite(value) and value > 0):
                 found.append(f"model.{name} must be a finite number > 0, got {value}")
         return found
+
+    def head_problems(self) -> list[str]:
+        """What is wrong with the head size (n_head >= 1): here, the width split into n_head heads of even
+        size; a family whose head size is its own says so instead."""
+        if self.n_embd % self.n_head:
+            return [f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"]
+        if self.head_dim % 2:  # RoPE rotates pairs of coordinates
+            return [f"the head dimension n_embd / n_head = {self.head_dim} must be even for rotary embeddings"]
+        return []
 
     def attention_params(self) -> int:
         """The attention's matrices: q_proj and o_proj d x (n_head · head_dim) each, k_proj and v_proj
@@ -393,7 +399,7 @@ def decoder_problems(hf: PretrainedConfig) -> list[str]:
     rope_type = hf.rope_parameters.get("rope_type", "default")
     if rope_type != "default":
         problems.append(f"its rotary embedding is scaled ({rope_type!r}), not plain RoPE")
-    if hf.attention_bias:
+    if getattr(hf, "attention_bias", False):  # a class whose attention never has biases has no such field
         problems.append("its attention projections have biases")
     if hf.attention_dropout:
         problems.append(f"it has attention dropout ({hf.attention_dropout})")

@@ -184,19 +184,11 @@ class MoEFeedForward(nn.Module):
         B, T, C = x.shape
         x = x.reshape(B * T, C)
         chosen, weights = self.route(x)
-        pairs = chosen.flatten()
-        # tokens per expert, as a tensor of static shape (bincount's length would depend on the values)
-        load = torch.zeros(len(self.experts), dtype=torch.long, device=x.device).scatter_add_(
-            0, pairs, torch.ones_like(pairs)
-        )
+        load = expert_load(chosen, len(self.experts))
         if self.training and torch.is_grad_enabled():
             # the bias moves at the optimizer step (apply_balance), by the load of the global batch
             self.pending_load = load if self.pending_load is None else self.pending_load + load
-        # the (token, slot) pairs sorted by expert: each expert's tokens are then one contiguous group
-        order = pairs.argsort(stable=True)
-        tokens = order // self.top_k
-        routed = experts_forward(self.experts, x[tokens], load)
-        y = torch.zeros_like(x).index_add_(0, tokens, routed * weights.flatten()[order, None])
+        y = routed_experts(self.experts, x, chosen, weights, load)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(B, T, C)
@@ -207,10 +199,32 @@ class MoEFeedForward(nn.Module):
         by it."""
         if self.pending_load is None:
             return
-        load, self.pending_load = _global(self.pending_load), None
+        load, self.pending_load = global_load(self.pending_load), None
         self.tokens_per_expert += load
         # DeepSeek-V3's auxiliary-loss-free balancing: an overloaded expert's bias falls, an idle one's rises
         self.gate.e_score_correction_bias += self.balance_rate * torch.sign(load.float().mean() - load)
+
+
+def expert_load(chosen: torch.Tensor, n_expert: int) -> torch.Tensor:
+    """Tokens routed to each expert by the choices ``chosen`` (N, top_k): a tensor of static shape (bincount's
+    length would depend on the values)."""
+    pairs = chosen.flatten()
+    return torch.zeros(n_expert, dtype=torch.long, device=pairs.device).scatter_add_(0, pairs, torch.ones_like(pairs))
+
+
+def routed_experts(
+    experts: nn.ModuleList, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, load: torch.Tensor
+) -> torch.Tensor:
+    """The routed experts' output for tokens x (N, d): each token's chosen experts (N, top_k) weighted by
+    ``weights`` (N, top_k; the products in their dtype, cast to x's) and summed; ``load`` is
+    :func:`expert_load` of ``chosen``."""
+    top_k = chosen.shape[1]
+    # the (token, slot) pairs sorted by expert: each expert's tokens are then one contiguous group
+    order = chosen.flatten().argsort(stable=True)
+    tokens = order // top_k
+    routed = experts_forward(experts, x[tokens], load)
+    weighted = (routed * weights.flatten()[order, None]).to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, tokens, weighted)
 
 
 def experts_forward(experts: nn.ModuleList, x: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
@@ -258,7 +272,7 @@ def _grouped_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
 
 
 @torch.no_grad()
-def _global(load: torch.Tensor) -> torch.Tensor:
+def global_load(load: torch.Tensor) -> torch.Tensor:
     """The load over the global batch: balanced as one process training on all of it would be."""
     if dist.is_available() and dist.is_initialized():
         load = load.clone()
@@ -340,13 +354,7 @@ def _moe_from_hf_config(hf: PretrainedConfig) -> MoEConfig:
         problems.append(f"its first {hf.first_k_dense_replace} blocks have a dense feed-forward")
     if hf.use_qk_norm:
         problems.append("it normalises queries and keys")
-    if hf.topk_group != hf.n_group:  # equal: every group is chosen, so the groups do not restrict the choice
-        problems.append(f"it routes within the best {hf.topk_group} of {hf.n_group} expert groups")
-    if not hf.norm_topk_prob:
-        problems.append("the weights of the chosen experts are not normalised to sum to 1")
-    if hf.routed_scaling_factor != 1.0:
-        problems.append(f"the routed experts' output is scaled by {hf.routed_scaling_factor}")
-    refuse("Glm4Moe", problems)
+    refuse("Glm4Moe", problems + routing_problems(hf))
     # balance_rate is not in HF's config (HF does not train the balancing bias): depthgrow's default
     return MoEConfig(
         **decoder_fields(hf),
@@ -357,39 +365,64 @@ def _moe_from_hf_config(hf: PretrainedConfig) -> MoEConfig:
     )
 
 
-def _moe_to_hf(config: MoEConfig, state: StateDict) -> StateDict:
-    """Fuse each block's experts as HF keeps them in memory: ``experts.gate_up_proj`` (E, 2h, d), each
-    expert's gate rows then its up rows (HF splits the fused output in that order), and ``experts.down_proj``
-    (E, d, h). ``save_pretrained`` writes them back per expert, under depthgrow's names."""
-    hf = decoder_to_hf(config, state)
-    for i in range(config.n_layer):
-        mlp = f"model.layers.{i}.mlp"
-        gate, up, down = (
-            [hf.pop(f"{mlp}.experts.{j}.{kind}_proj.weight") for j in range(config.n_expert)] for kind in _SWIGLU
-        )
-        hf[f"{mlp}.experts.gate_up_proj"] = torch.stack([torch.cat(pair) for pair in zip(gate, up, strict=True)])
-        hf[f"{mlp}.experts.down_proj"] = torch.stack(down)
-        if not config.n_shared_expert:
-            # HF always has a shared expert, of width n_shared_experts · moe_intermediate_size: here 0, and a
-            # SwiGLU of width 0 adds exactly 0, so the export computes what the depthgrow model does
-            d, like = config.n_embd, down[0]
-            for kind, shape in zip(_SWIGLU, [(0, d), (0, d), (d, 0)], strict=True):
-                hf[f"{mlp}.shared_experts.{kind}_proj.weight"] = like.new_zeros(shape)
+def fuse_experts(state: StateDict, n_layer: int, n_expert: int) -> StateDict:
+    """Each block's experts (``model.layers.{i}.mlp.experts.{j}``) fused as HF's MoE classes keep them in
+    memory, in place: ``experts.gate_up_proj`` (E, 2h, d), each expert's gate rows then its up rows (HF
+    splits the fused output in that order), and ``experts.down_proj`` (E, d, h). ``save_pretrained``
+    writes them back per expert, under depthgrow's names."""
+    for i in range(n_layer):
+        experts = f"model.layers.{i}.mlp.experts"
+        gate, up, down = ([state.pop(f"{experts}.{j}.{kind}_proj.weight") for j in range(n_expert)] for kind in _SWIGLU)
+        state[f"{experts}.gate_up_proj"] = torch.stack([torch.cat(pair) for pair in zip(gate, up, strict=True)])
+        state[f"{experts}.down_proj"] = torch.stack(down)
+    return state
+
+
+def split_experts(state: StateDict, n_layer: int, n_expert: int, hidden: int) -> StateDict:
+    """The inverse of :func:`fuse_experts`, in place."""
+    for i in range(n_layer):
+        experts = f"model.layers.{i}.mlp.experts"
+        gate_up, down = state.pop(f"{experts}.gate_up_proj"), state.pop(f"{experts}.down_proj")
+        for j in range(n_expert):
+            # copies: views would make every expert's parameters share one storage (safetensors refuses that)
+            # and keep the whole fused tensor alive
+            parts = (gate_up[j, :hidden], gate_up[j, hidden:], down[j])
+            for kind, tensor in zip(_SWIGLU, parts, strict=True):
+                state[f"{experts}.{j}.{kind}_proj.weight"] = tensor.clone()
+    return state
+
+
+def routing_problems(hf: PretrainedConfig) -> list[str]:
+    """What depthgrow's DeepSeek-style router cannot express in an HF config of its routing (Glm4Moe's,
+    DeepseekV3's): expert groups that restrict the choice, unnormalised or scaled weights."""
+    problems = []
+    if hf.topk_group != hf.n_group:  # equal: every group is chosen, so the groups do not restrict the choice
+        problems.append(f"it routes within the best {hf.topk_group} of {hf.n_group} expert groups")
+    if not hf.norm_topk_prob:
+        problems.append("the weights of the chosen experts are not normalised to sum to 1")
+    if hf.routed_scaling_factor != 1.0:
+        problems.append(f"the routed experts' output is scaled by {hf.routed_scaling_factor}")
+    return problems
+
+
+def moe_to_hf(config: MoEConfig, state: StateDict) -> StateDict:
+    """The decoder's state with the experts fused (:func:`fuse_experts`) and, without shared experts, HF's
+    shared expert of width 0."""
+    hf = fuse_experts(decoder_to_hf(config, state), config.n_layer, config.n_expert)
+    if not config.n_shared_expert:
+        # HF always has a shared expert, of width n_shared_experts · moe_intermediate_size: here 0, and a
+        # SwiGLU of width 0 adds exactly 0, so the export computes what the depthgrow model does
+        like = next(iter(hf.values()))
+        for i in range(config.n_layer):
+            for kind, shape in zip(_SWIGLU, [(0, config.n_embd), (0, config.n_embd), (config.n_embd, 0)], strict=True):
+                hf[f"model.layers.{i}.mlp.shared_experts.{kind}_proj.weight"] = like.new_zeros(shape)
     return hf
 
 
-def _moe_from_hf(config: MoEConfig, hf: StateDict) -> StateDict:
-    state = decoder_from_hf(config, hf)
-    h = config.expert_hidden
+def moe_from_hf(config: MoEConfig, hf: StateDict) -> StateDict:
+    state = split_experts(decoder_from_hf(config, hf), config.n_layer, config.n_expert, config.expert_hidden)
     for i in range(config.n_layer):
         mlp = f"model.layers.{i}.mlp"
-        gate_up, down = state.pop(f"{mlp}.experts.gate_up_proj"), state.pop(f"{mlp}.experts.down_proj")
-        for j in range(config.n_expert):
-            # copies: views would make every expert's parameters share one storage (safetensors refuses that)
-            # and keep the whole fused tensor alive
-            parts = (gate_up[j, :h], gate_up[j, h:], down[j])
-            for kind, tensor in zip(_SWIGLU, parts, strict=True):
-                state[f"{mlp}.experts.{j}.{kind}_proj.weight"] = tensor.clone()
         if not config.n_shared_expert:
             for kind in _SWIGLU:
                 del state[f"{mlp}.shared_experts.{kind}_proj.weight"]  # width 0: depthgrow has no module there
@@ -479,8 +512,8 @@ FAMILY = Family(
         model_type="glm4_moe",
         to_hf_config=_moe_to_hf_config,
         from_hf_config=_moe_from_hf_config,
-        to_hf=_moe_to_hf,
-        from_hf=_moe_from_hf,
+        to_hf=moe_to_hf,
+        from_hf=moe_from_hf,
         past_context=rotary_past_context,
         card_notes=_moe_card_notes,
     ),
