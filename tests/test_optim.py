@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 import depthgrow
 from depthgrow import GPT2Config, NormalizedSGD, OptimConfig, build_model, build_optimizer
@@ -144,3 +145,24 @@ def test_coverage_check_finds_missing_and_repeated_parameters():
     with pytest.raises(RuntimeError, match="several groups"):
         check_coverage(model, [torch.optim.SGD(params, lr=0.1), torch.optim.SGD(params[:1], lr=0.1)])
     check_coverage(model, torch.optim.SGD(params, lr=0.1))
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("adjust_lr_fn", ["original", "match_rms_adamw"])
+def test_batched_newton_schulz_steps_exactly_as_torch_muon(nesterov, adjust_lr_fn):
+    # same-shaped matrices (an MoE's experts) are orthogonalised as one batch: the steps must stay torch's
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(48, 48)] * 5 + [(96, 48)] * 3 + [(48, 96)] * 2 + [(7, 5)]
+    ours = [nn.Parameter(torch.randn(shape, generator=generator)) for shape in shapes]
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    options = dict(lr=0.02, weight_decay=0.01, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+    batched, reference = Muon(ours, **options), torch.optim.Muon(theirs, **options)
+    start = [p.detach().clone() for p in ours]
+    for _ in range(3):
+        for a, b in zip(ours, theirs, strict=True):
+            a.grad = torch.randn(a.shape, generator=generator)
+            b.grad = a.grad.clone()
+        batched.step()
+        reference.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    assert all(not torch.equal(a, b) for a, b in zip(ours, start, strict=True))
