@@ -187,7 +187,7 @@ def _wall(summary: dict[str, Any]) -> float:
 def _title(config: RunConfig) -> str:
     model = config.model
     name = config.model_preset or model.family
-    vocabulary = getattr(model, "vocab_size", None)  # image models have none
+    vocabulary = model.vocab_size if model.task == "lm" else None
     shape = f"{model.n_layer} layers" + ("" if vocabulary is None else f", vocabulary {vocabulary}")
     return (
         f"{name} ({shape}), {config.optim.name} lr {config.optim.lr:g}, {config.schedule.name}, T={config.train.steps}"

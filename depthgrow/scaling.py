@@ -79,7 +79,8 @@ def ladder(bases: list[RunConfig], *, widths: tuple[int, ...], tokens_per_param:
         raise DepthgrowError(f"--tokens-per-param must be a finite number > 0, got {tokens_per_param}")
     rungs = []
     for family_base in bases:
-        ratio = tokens_per_param or TOKENS_PER_PARAM["moe" if family_base.model.family == "moe" else "dense"]
+        sparse = family_base.model.num_active_params() < family_base.model.num_params()  # a mixture of experts
+        ratio = tokens_per_param or TOKENS_PER_PARAM["moe" if sparse else "dense"]
         tokens_per_step = family_base.train.batch_size * family_base.model.block_size
         for width in widths:
             sized = rung_config(family_base, width)

@@ -113,6 +113,8 @@ def test_config_problems_are_reported():
         "model.n_shared_expert",
         "model.balance_rate",
     ]
+    # one expert leaves the router nothing to choose (and top_k=2 nothing to fill): refused, not a traceback
+    assert MoEConfig(n_expert=1, top_k=2).problems() == ["model.n_expert must be >= 2, got 1"]
 
 
 def test_context_longer_than_block_size_is_refused():

@@ -118,6 +118,7 @@ def test_balancing_loss_is_only_that_of_a_training_forward():
     assert model.auxiliary_loss() is None
     model.train()(idx)
     assert model.auxiliary_loss() is not None
+    assert model.auxiliary_loss() is None  # taken by the first call: its graph is for one backward
     with torch.no_grad():
         model.train()(idx)
     assert model.auxiliary_loss() is None

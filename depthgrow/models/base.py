@@ -119,7 +119,7 @@ class GrowableModel(nn.Module):
 
     def eval_metrics(self) -> dict[str, Any]:
         """Fields an evaluation record adds about the training since the last evaluation (an MoE's expert
-        usage), after which their counts start again. None for the dense families."""
+        usage), after which their counts start again. Nothing for the dense families."""
         return {}
 
 

@@ -7,8 +7,10 @@ no position embedding, so it is a bigram model. Parameter names follow Hugging F
 rename-free copy of the state dict into a ``LlamaForCausalLM`` whose ``LlamaConfig`` has
 ``tie_word_embeddings=tie_embeddings``; a tied model has no ``lm_head.weight`` entry, HF ties it itself.
 
-The attention, RMSNorm, rotary tables, SwiGLU and the decoder itself are shared with the mixture-of-experts
-family (:mod:`depthgrow.models.moe`), which only swaps the feed-forward.
+The attention, RMSNorm, rotary tables, SwiGLU and the decoder itself are shared with the families built on
+it, which swap a block's attention (:mod:`~depthgrow.models.qwen3`'s QK-norm, :mod:`~depthgrow.models.deepseek`'s
+latent attention) or its feed-forward (the mixtures of experts :mod:`~depthgrow.models.moe` and
+:mod:`~depthgrow.models.mixtral`), and with their Hugging Face mappings.
 """
 
 from __future__ import annotations
@@ -370,7 +372,7 @@ DECODER_EMBEDDING = "model.embed_tokens.weight"
 
 
 def decoder_hf_fields(config: DecoderConfig, end_of_text: int | None, **rope: float) -> dict[str, Any]:
-    """The config fields of both HF decoders for depthgrow's decoder (attention, norms, positions, head,
+    """The config fields every HF decoder takes from depthgrow's decoder (attention, norms, positions, head,
     special tokens); ``rope`` adds to the rotary parameters."""
     return dict(
         vocab_size=config.vocab_size,

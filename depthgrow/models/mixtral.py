@@ -62,7 +62,15 @@ from depthgrow.models.llama import (
     head_size_problems,
     rotary_past_context,
 )
-from depthgrow.models.moe import MoE, expert_load, fuse_experts, global_load, routed_experts, split_experts
+from depthgrow.models.moe import (
+    MoE,
+    expert_load,
+    expert_problems,
+    fuse_experts,
+    global_load,
+    routed_experts,
+    split_experts,
+)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -88,12 +96,7 @@ class MixtralConfig(DecoderConfig):
     )
 
     def problems(self) -> list[str]:
-        found = super().problems()
-        for name in ("n_expert", "expert_hidden"):
-            if getattr(self, name) < 1:
-                found.append(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if not 2 <= self.top_k <= max(self.n_expert, 2):
-            found.append(f"model.top_k must be in [2, n_expert={self.n_expert}], got {self.top_k}")
+        found = super().problems() + expert_problems(self.n_expert, self.top_k, self.expert_hidden)
         if not (math.isfinite(self.aux_loss_coef) and self.aux_loss_coef >= 0):
             found.append(f"model.aux_loss_coef must be a finite number >= 0, got {self.aux_loss_coef}")
         return found
@@ -196,8 +199,10 @@ class Mixtral(Llama):
         docstring); None after a forward that was not training, and for a zero-layer model (no router)."""
         if self.balance is None:
             return None
+        # taken: the tensors hold the forward's graph, which one backward frees
+        balance, self.balance = self.balance, None
         # pooled over the blocks' tokens, as HF pools its layers' router logits: the blocks' mean f_e and P_e
-        fractions, probabilities = torch.stack([torch.stack(block) for block in self.balance]).mean(dim=0)
+        fractions, probabilities = torch.stack([torch.stack(block) for block in balance]).mean(dim=0)
         return self.config.aux_loss_coef * self.config.n_expert * (fractions * probabilities).sum()
 
     def before_optimizer_step(self) -> None:

@@ -67,6 +67,17 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 
+def expert_problems(n_expert: int, top_k: int, expert_hidden: int) -> list[str]:
+    """What is wrong with a routed feed-forward's sizes, as short sentences."""
+    found = [] if expert_hidden >= 1 else [f"model.expert_hidden must be >= 1, got {expert_hidden}"]
+    if n_expert < 2:  # routing needs two experts to choose from (top_k >= 2)
+        found.append(f"model.n_expert must be >= 2, got {n_expert}")
+    elif not 2 <= top_k <= n_expert:
+        # with one chosen expert its normalised gate weight is always 1: the router would get no gradient
+        found.append(f"model.top_k must be in [2, n_expert={n_expert}], got {top_k}")
+    return found
+
+
 @dataclass(kw_only=True, frozen=True)
 class MoEConfig(DecoderConfig):
     family: ClassVar[str] = "moe"
@@ -85,16 +96,10 @@ class MoEConfig(DecoderConfig):
     top_k: int = doc_field(6, "routed experts each token uses (at least 2)")
     n_shared_expert: int = doc_field(2, "experts every token uses")
     expert_hidden: int = doc_field(384, "SwiGLU hidden size of one expert")
-    balance_rate: float = doc_field(1e-3, "step of the balancing bias per training forward (DeepSeek-V3's gamma)")
+    balance_rate: float = doc_field(1e-3, "step of the balancing bias per optimizer step (DeepSeek-V3's gamma)")
 
     def problems(self) -> list[str]:
-        found = super().problems()
-        for name in ("n_expert", "expert_hidden"):
-            if getattr(self, name) < 1:
-                found.append(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if not 2 <= self.top_k <= max(self.n_expert, 2):
-            # with one chosen expert its normalised gate weight is always 1: the router would get no gradient
-            found.append(f"model.top_k must be in [2, n_expert={self.n_expert}], got {self.top_k}")
+        found = super().problems() + expert_problems(self.n_expert, self.top_k, self.expert_hidden)
         if self.n_shared_expert < 0:
             found.append(f"model.n_shared_expert must be >= 0, got {self.n_shared_expert}")
         if not (math.isfinite(self.balance_rate) and self.balance_rate >= 0):
@@ -173,8 +178,10 @@ class MoEFeedForward(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For tokens x (N, d): the chosen experts (N, top_k) and their weights (N, top_k), summing to 1."""
-        # scored in float32 as DeepSeek-V3 does: in bf16 close scores would tie and flip the choice
-        scores = F.linear(x.float(), self.gate.weight.float()).sigmoid()
+        # scored in float32 as DeepSeek-V3 does (autocast off, or it would run the product in bf16): in bf16
+        # close scores would tie and flip the choice
+        with torch.autocast(x.device.type, enabled=False):
+            scores = F.linear(x.float(), self.gate.weight.float()).sigmoid()
         # the bias decides which experts are chosen, never how much their outputs weigh
         chosen = torch.topk(scores + self.gate.e_score_correction_bias, self.top_k, dim=-1).indices
         weights = scores.gather(1, chosen)
@@ -231,13 +238,13 @@ def experts_forward(experts: nn.ModuleList, x: torch.Tensor, load: torch.Tensor)
     """Each expert (a :class:`SwiGLU`) applied to its group of the rows of ``x`` (sorted by expert, ``load``
     rows per expert): two grouped matmuls over the experts' stacked weights, or a loop where the device has
     no grouped matmul (see the module docstring)."""
-    gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts])  # (E, 2h, d)
-    down = torch.stack([e.down_proj.weight for e in experts])  # (E, d, h)
-    hidden = down.shape[-1]
-    dtype = _grouped_dtype(x, gate_up)
+    dtype = _grouped_dtype(x, experts[0].down_proj.weight)
     if dtype is None:
         rows = x.split(load.tolist())  # the one host sync, on devices without a grouped matmul
         return torch.cat([expert(part) for expert, part in zip(experts, rows, strict=True)])
+    gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts])  # (E, 2h, d)
+    down = torch.stack([e.down_proj.weight for e in experts])  # (E, d, h)
+    hidden = down.shape[-1]
     offsets = load.cumsum(0).to(torch.int32)
     h = torch._grouped_mm(x.to(dtype), gate_up.to(dtype).transpose(-2, -1), offs=offsets)
     h = F.silu(h[:, :hidden]) * h[:, hidden:]
@@ -260,13 +267,16 @@ if torch.ops.aten._grouped_mm not in flop_counter.flop_registry:
     flop_counter.register_flop_formula(torch.ops.aten._grouped_mm)(_grouped_mm_flops)
 
 
-def _grouped_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
-    """The dtype in which ``torch._grouped_mm`` can multiply ``x`` by ``weight`` here, or None."""
+def _grouped_dtype(x: torch.Tensor, down: torch.Tensor) -> torch.dtype | None:
+    """The dtype in which ``torch._grouped_mm`` can run an expert of down projection ``down`` on ``x`` here,
+    or None."""
     if x.device.type == "cpu":
         return x.dtype
-    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (9, 0):
+    # the CUDA kernel takes rows of 16 bytes' multiples: widths that are multiples of 8 in bfloat16
+    aligned = all(size % 8 == 0 for size in down.shape)
+    if x.device.type == "cuda" and aligned and torch.cuda.get_device_capability(x.device) >= (9, 0):
         autocast_bf16 = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
-        if autocast_bf16 or x.dtype == weight.dtype == torch.bfloat16:
+        if autocast_bf16 or x.dtype == down.dtype == torch.bfloat16:
             return torch.bfloat16  # what autocast gives a Linear; the kernel takes bfloat16 only
     return None
 
