@@ -166,18 +166,11 @@ def test_random_init_gives_new_blocks_exactly_as_a_fresh_target_depth_model(name
 @pytest.mark.parametrize("name", EXPORTED)
 def test_the_export_computes_the_same_logits_and_imports_back(tmp_path, name, depth):
     pytest.importorskip("transformers")
-    from test_export import TOKENS, assert_imports_back, depthgrow_logits, hf_logits, perturbed_model, write_checkpoint
-
-    from depthgrow.export import export_checkpoint
+    from test_export import assert_imports_back, exported_with_parity
 
     # weights large enough that attention is far from uniform and the logits are O(1)
     config = dataclasses.replace(preset(name), weight_init="standard", init_std=0.3).with_depth(depth)
-    model = perturbed_model(config, seed=depth)
-    out = export_checkpoint(write_checkpoint(tmp_path / "checkpoint.pt", config, model), tmp_path / "hf")
-    expected = depthgrow_logits(model, TOKENS)
-    assert expected.abs().max().item() > 1.0
-    difference = (hf_logits(out, TOKENS) - expected).abs().max().item()
-    assert difference < 1e-4, difference
+    out, model, expected = exported_with_parity(tmp_path, config, seed=depth)
     assert_imports_back(out, config, model, expected)
 
 

@@ -23,12 +23,11 @@ from test_export import (  # noqa: E402 - needs transformers
     TOKENS,
     assert_imports_back,
     depthgrow_logits,
-    hf_logits,
+    exported_with_parity,
     perturbed_model,
-    write_checkpoint,
 )
 
-from depthgrow.export import export_checkpoint, import_pretrained  # noqa: E402
+from depthgrow.export import import_pretrained  # noqa: E402
 
 
 def variants() -> list:
@@ -83,13 +82,7 @@ def test_parameter_and_flop_counts_are_the_model_s(variant, depth):
 def test_export_matches_hugging_face_and_imports_back(tmp_path, variant, depth):
     # weights large enough that attention is far from uniform and the logits are O(1)
     config = dataclasses.replace(variant, weight_init="standard", init_std=0.3).with_depth(depth)
-    model = perturbed_model(config, seed=depth)
-    out = export_checkpoint(write_checkpoint(tmp_path / "checkpoint.pt", config, model), tmp_path / "hf")
-
-    expected = depthgrow_logits(model, TOKENS)
-    assert expected.abs().max().item() > 1.0
-    difference = (hf_logits(out, TOKENS) - expected).abs().max().item()
-    assert difference < 1e-4, difference
+    out, model, expected = exported_with_parity(tmp_path, config, seed=depth)
 
     hf_config = json.loads((out / "config.json").read_text())
     assert hf_config["architectures"] == ["DeepseekV3ForCausalLM"]

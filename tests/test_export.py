@@ -80,6 +80,18 @@ def assert_imports_back(out, config, model, expected):
     return imported
 
 
+def exported_with_parity(tmp_path, config, *, seed):
+    """Export a perturbed model of ``config`` and check that transformers computes its logits (O(1) ones,
+    within 1e-4); the folder, the model and its logits on TOKENS."""
+    model = perturbed_model(config, seed=seed)
+    out = export_checkpoint(write_checkpoint(tmp_path / "checkpoint.pt", config, model), tmp_path / "hf")
+    expected = depthgrow_logits(model, TOKENS)
+    assert expected.abs().max().item() > 1.0
+    difference = (hf_logits(out, TOKENS) - expected).abs().max().item()
+    assert difference < 1e-4, difference
+    return out, model, expected
+
+
 @pytest.mark.parametrize("depth", [0, 1, 3])
 def test_exported_gpt2_matches_depthgrow_and_round_trips(tmp_path, depth):
     config = GPT2Config(
@@ -136,13 +148,7 @@ def decoder_id(config) -> str:
 @pytest.mark.parametrize("variant", decoder_variants(), ids=decoder_id)
 def test_exported_llama_and_moe_match_depthgrow_and_round_trip(tmp_path, variant, depth):
     config = variant.with_depth(depth)
-    model = perturbed_model(config, seed=depth)
-    out = export_checkpoint(write_checkpoint(tmp_path / "checkpoint.pt", config, model), tmp_path / "hf")
-
-    expected = depthgrow_logits(model, TOKENS)
-    assert expected.abs().max().item() > 1.0
-    difference = (hf_logits(out, TOKENS) - expected).abs().max().item()
-    assert difference < 1e-4, difference
+    out, model, expected = exported_with_parity(tmp_path, config, seed=depth)
 
     hf_config = json.loads((out / "config.json").read_text())
     assert hf_config["num_hidden_layers"] == depth and hf_config["max_position_embeddings"] == 32

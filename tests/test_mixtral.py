@@ -11,12 +11,8 @@ import pytest
 import torch
 from test_export import (
     SMALL,
-    TOKENS,
     assert_imports_back,
-    depthgrow_logits,
-    hf_logits,
-    perturbed_model,
-    write_checkpoint,
+    exported_with_parity,
 )
 from test_families import tokens
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
@@ -24,7 +20,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTens
 import depthgrow
 from depthgrow import OptimConfig, build_model, build_optimizer, grow, load_config, preset, train
 from depthgrow.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from depthgrow.export import export_checkpoint, import_pretrained
+from depthgrow.export import import_pretrained
 from depthgrow.metrics import LOG_NAME, read_log
 from depthgrow.models.mixtral import MixtralConfig
 from depthgrow.trainer import loss_fn
@@ -52,13 +48,7 @@ def router_logits(model, idx) -> tuple[torch.Tensor, ...]:
 def test_tied_export_matches_hugging_face_mixtral_and_round_trips(tmp_path, depth):
     # every parameter perturbed and weights large enough (init_std 0.3) that attention is far from uniform
     config = dataclasses.replace(TEST, tie_embeddings=True, weight_init="standard", init_std=0.3).with_depth(depth)
-    model = perturbed_model(config, seed=depth)
-    out = export_checkpoint(write_checkpoint(tmp_path / "checkpoint.pt", config, model), tmp_path / "hf")
-
-    expected = depthgrow_logits(model, TOKENS)
-    assert expected.abs().max().item() > 1.0
-    difference = (hf_logits(out, TOKENS) - expected).abs().max().item()
-    assert difference < 1e-4, difference
+    out, model, expected = exported_with_parity(tmp_path, config, seed=depth)
 
     hf_config = json.loads((out / "config.json").read_text())
     assert hf_config["architectures"] == ["MixtralForCausalLM"] and hf_config["num_hidden_layers"] == depth

@@ -13,9 +13,8 @@ from test_export import (
     TOKENS,
     assert_imports_back,
     depthgrow_logits,
-    hf_logits,
+    exported_with_parity,
     perturbed_model,
-    write_checkpoint,
 )
 from test_families import tokens
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -23,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import depthgrow
 from depthgrow import build_model, preset
-from depthgrow.export import export_checkpoint, import_pretrained
+from depthgrow.export import import_pretrained
 from depthgrow.models.llama import Llama
 from depthgrow.models.qwen3 import Qwen3Config
 from depthgrow.trainer import loss_fn
@@ -48,13 +47,7 @@ def test_untied_export_matches_hugging_face_qwen3_and_round_trips(tmp_path, dept
     # weights large enough (init_std 0.3) that attention is far from uniform; every parameter perturbed, so
     # that the q/k norm gains are not 1
     config = dataclasses.replace(UNTIED, weight_init="standard", init_std=0.3).with_depth(depth)
-    model = perturbed_model(config, seed=depth)
-    out = export_checkpoint(write_checkpoint(tmp_path / "checkpoint.pt", config, model), tmp_path / "hf")
-
-    expected = depthgrow_logits(model, TOKENS)
-    assert expected.abs().max().item() > 1.0
-    difference = (hf_logits(out, TOKENS) - expected).abs().max().item()
-    assert difference < 1e-4, difference
+    out, model, expected = exported_with_parity(tmp_path, config, seed=depth)
 
     hf_config = json.loads((out / "config.json").read_text())
     assert hf_config["architectures"] == ["Qwen3ForCausalLM"] and hf_config["num_hidden_layers"] == depth
