@@ -64,10 +64,10 @@ from depthgrow.models.llama import (
 )
 from depthgrow.models.moe import (
     MoE,
+    RoutedFeedForward,
     expert_load,
     expert_problems,
     fuse_experts,
-    global_load,
     routed_experts,
     split_experts,
 )
@@ -131,15 +131,12 @@ class MixtralConfig(DecoderConfig):
         return 6.0 * n + attention
 
 
-class MixtralFeedForward(nn.Module):
+class MixtralFeedForward(RoutedFeedForward):
     def __init__(self, config: MixtralConfig) -> None:
-        super().__init__()
+        super().__init__(config.n_expert)
         self.top_k = config.top_k
         self.gate = nn.Linear(config.n_embd, config.n_expert, bias=False)  # the router
         self.experts = nn.ModuleList(SwiGLU(config.n_embd, config.expert_hidden) for _ in range(config.n_expert))
-        # what MoE.eval_metrics logs: tokens routed to each expert by training steps since the last evaluation
-        self.register_buffer("tokens_per_expert", torch.empty(config.n_expert, dtype=torch.long), persistent=False)
-        self.pending_load: torch.Tensor | None = None  # this rank's load in the training forwards since the last step
         # (f_e, P_e) of the last forward, for the model to take (see Mixtral.forward); None outside training
         self.balance: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -156,23 +153,15 @@ class MixtralFeedForward(nn.Module):
         x = x.reshape(B * T, C)
         chosen, weights, probabilities = self.route(x)
         load = expert_load(chosen, len(self.experts))
-        self.balance = None
-        if self.training and torch.is_grad_enabled():
-            self.pending_load = load if self.pending_load is None else self.pending_load + load
-            self.balance = (load.float() / x.shape[0], probabilities.mean(dim=0))
+        self.record_load(load)
+        training = self.training and torch.is_grad_enabled()
+        self.balance = (load.float() / x.shape[0], probabilities.mean(dim=0)) if training else None
         # weighted in float32 and cast back, as HF's MixtralExperts
         return routed_experts(self.experts, x, chosen, weights, load).view(B, T, C)
 
     def take_balance(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         balance, self.balance = self.balance, None
         return balance
-
-    @torch.no_grad()
-    def count_load(self) -> None:
-        """Add the load of the step's training forwards, over the global batch, to the usage counts."""
-        if self.pending_load is not None:
-            self.tokens_per_expert += global_load(self.pending_load)
-            self.pending_load = None
 
 
 class Mixtral(Llama):
@@ -207,7 +196,7 @@ class Mixtral(Llama):
 
     def before_optimizer_step(self) -> None:
         for block in self.model.layers:
-            block.mlp.count_load()
+            block.mlp.count_step_load()  # the usage counts only: Mixtral balances by its loss
 
     # the usage counts are kept as the DeepSeek-style family keeps them
     eval_metrics = MoE.eval_metrics

@@ -157,19 +157,42 @@ class Router(nn.Linear):
         self.register_buffer("e_score_correction_bias", torch.empty(n_expert))
 
 
-class MoEFeedForward(nn.Module):
-    def __init__(self, config: MoEConfig) -> None:
+class RoutedFeedForward(nn.Module):
+    """What every routed feed-forward keeps about its load: the tokens each expert got in the training
+    forwards since the last optimizer step (this rank's), and the usage counts that the evaluations log."""
+
+    def __init__(self, n_expert: int) -> None:
         super().__init__()
+        # tokens routed to each expert by training steps since the last reset; only for logging, so
+        # it stays out of the state dict (and of an export)
+        self.register_buffer("tokens_per_expert", torch.empty(n_expert, dtype=torch.long), persistent=False)
+        self.pending_load: torch.Tensor | None = None  # this rank's load in the training forwards since the last step
+
+    def record_load(self, load: torch.Tensor) -> None:
+        """Keep ``load`` for the next optimizer step if this forward is a training one."""
+        if self.training and torch.is_grad_enabled():
+            self.pending_load = load if self.pending_load is None else self.pending_load + load
+
+    @torch.no_grad()
+    def count_step_load(self) -> torch.Tensor | None:
+        """The load of the step's training forwards over the global batch, added to the usage counts (None
+        without a training forward since the last step)."""
+        if self.pending_load is None:
+            return None
+        load, self.pending_load = global_load(self.pending_load), None
+        self.tokens_per_expert += load
+        return load
+
+
+class MoEFeedForward(RoutedFeedForward):
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__(config.n_expert)
         self.top_k = config.top_k
         self.balance_rate = config.balance_rate
         self.gate = Router(config.n_embd, config.n_expert)
         self.experts = nn.ModuleList(SwiGLU(config.n_embd, config.expert_hidden) for _ in range(config.n_expert))
         shared = config.n_shared_expert * config.expert_hidden
         self.shared_experts = SwiGLU(config.n_embd, shared) if shared else None
-        # tokens routed to each expert by training steps since the last reset; only for logging, so
-        # it stays out of the state dict (and of an export)
-        self.register_buffer("tokens_per_expert", torch.empty(config.n_expert, dtype=torch.long), persistent=False)
-        self.pending_load: torch.Tensor | None = None  # this rank's load in the training forwards since the last step
 
     @property
     def down_projections(self) -> list[nn.Module]:
@@ -192,9 +215,7 @@ class MoEFeedForward(nn.Module):
         x = x.reshape(B * T, C)
         chosen, weights = self.route(x)
         load = expert_load(chosen, len(self.experts))
-        if self.training and torch.is_grad_enabled():
-            # the bias moves at the optimizer step (apply_balance), by the load of the global batch
-            self.pending_load = load if self.pending_load is None else self.pending_load + load
+        self.record_load(load)  # the bias moves at the optimizer step (apply_balance), by the global batch's load
         y = routed_experts(self.experts, x, chosen, weights, load)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
@@ -204,10 +225,9 @@ class MoEFeedForward(nn.Module):
     def apply_balance(self) -> None:
         """Count the load of the step's training forwards over the global batch and move the balancing bias
         by it."""
-        if self.pending_load is None:
+        load = self.count_step_load()
+        if load is None:
             return
-        load, self.pending_load = global_load(self.pending_load), None
-        self.tokens_per_expert += load
         # DeepSeek-V3's auxiliary-loss-free balancing: an overloaded expert's bias falls, an idle one's rises
         self.gate.e_score_correction_bias += self.balance_rate * torch.sign(load.float().mean() - load)
 
