@@ -43,7 +43,9 @@ _EXPORTS = {
     "LoadedRun": "depthgrow.sampling",
     "generate": "depthgrow.sampling",
     "load_run": "depthgrow.sampling",
+    "Display": "depthgrow.trainer",
     "RunResult": "depthgrow.trainer",
+    "Trainer": "depthgrow.trainer",
     "train": "depthgrow.trainer",
 }
 __all__ = sorted(_EXPORTS)

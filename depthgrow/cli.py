@@ -12,8 +12,10 @@ one line on stderr and exit status 2; a run that stops after it started, with on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
+import os
 import sys
 import textwrap
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from typing import NoReturn
 
 from depthgrow.analysis import DEFAULT_MIX_TOLERANCE
 from depthgrow.config import PRESET_RULE, RunConfig, TrainConfig, config_keys, load_config
+from depthgrow.distributed import joined, main_process
 from depthgrow.errors import INTERRUPTED_STATUS, DepthgrowError
 from depthgrow.flops import DEPTHGROW, PAPER, compare_compute
 from depthgrow.presets import PRESETS
@@ -130,8 +133,14 @@ def cmd_compare(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         if len(sources) != 1:
             raise DepthgrowError("growth.at=auto calibrates one source depth: give it alone, e.g. --sources 0")
         config = _calibrated(config, args.calibration, sources[0])
-    compare(config, sources=sources, overwrite=args.overwrite, mix_tolerance=args.mix_tolerance)
+    with joined_for(config):  # under torchrun, every run of the comparison on the same processes
+        compare(config, sources=sources, overwrite=args.overwrite, mix_tolerance=args.mix_tolerance)
     return 0
+
+
+def joined_for(config: RunConfig) -> contextlib.AbstractContextManager:
+    """The process group held across a command's runs, as their config asks (a no-op in one process)."""
+    return joined(config.train.parallel, config.train.device, config.train.batch_size)
 
 
 def _check_mix_tolerance(tolerance: float) -> None:
@@ -146,13 +155,16 @@ def cmd_calibrate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     _check_mix_tolerance(args.mix_tolerance)
     config = _config(args, overrides)
     out = Path(args.out)
-    result = calibrate(
-        config,
-        pilots=tuple(args.pilots),
-        tolerance=args.mix_tolerance,
-        stored=lambda run, label: stored_run(run, out / "runs", label),
-        resume_hint="the same depthgrow calibrate command",
-    )
+    with joined_for(config):
+        result = calibrate(
+            config,
+            pilots=tuple(args.pilots),
+            tolerance=args.mix_tolerance,
+            stored=lambda run, label: stored_run(run, out / "runs", label),
+            resume_hint="the same depthgrow calibrate command",
+        )
+    if not main_process():
+        return 0
     print("\n".join(calibration_lines(result)))
     path = write_calibration(result, out)
     print(f"written to {path}; train with --growth.at auto --calibration {path}")
@@ -206,16 +218,19 @@ def cmd_experiment(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     given = {key: getattr(args, flag) for flag, key in SHORTHANDS.items() if flag != "out" and getattr(args, flag)}
     overrides = {**overrides, **given}
     names = list(NAMES) if args.name == "all" else [args.name]
-    for name in names:
-        base = experiment_base(name, config_path=args.config, overrides=overrides, full=args.full)
-        out = args.out or "results"
-        if name == SCALING:
-            model_given = "model.preset" in overrides or "model.family" in overrides
-            run_scaling_experiment(
-                base, out=out, full=args.full, tokens_per_param=args.tokens_per_param, model_given=model_given
-            )
-        else:
-            run_experiment(name, base, out=out, full=args.full, mix_tolerance=args.mix_tolerance)
+    bases = {
+        name: experiment_base(name, config_path=args.config, overrides=overrides, full=args.full) for name in names
+    }
+    out = args.out or "results"
+    with joined_for(next(iter(bases.values()))):  # under torchrun, every run on the same processes
+        for name, base in bases.items():
+            if name == SCALING:
+                model_given = "model.preset" in overrides or "model.family" in overrides
+                run_scaling_experiment(
+                    base, out=out, full=args.full, tokens_per_param=args.tokens_per_param, model_given=model_given
+                )
+            else:
+                run_experiment(name, base, out=out, full=args.full, mix_tolerance=args.mix_tolerance)
     return 0
 
 
@@ -666,7 +681,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise DepthgrowError(f"unrecognized arguments: {' '.join(unknown)} (see depthgrow {args.command} --help)")
         _refuse_keys_set_by_command(args.command, overrides)
-        return COMMANDS[args.command](args, overrides)
+        if main_process():
+            return COMMANDS[args.command](args, overrides)
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # rank 0 reports
+            return COMMANDS[args.command](args, overrides)
     except DepthgrowError as error:
         print(f"depthgrow: error: {error}", file=sys.stderr)
         return error.exit_status

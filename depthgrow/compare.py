@@ -23,6 +23,7 @@ from typing import Any
 
 from depthgrow.analysis import DEFAULT_MIX_TOLERANCE, closest_gap, eval_curve, last_growth_step, mixing_time
 from depthgrow.config import RunConfig
+from depthgrow.distributed import main_process
 from depthgrow.errors import DepthgrowError
 from depthgrow.flops import DEPTHGROW, PAPER, FlopCounting, plan_flops
 from depthgrow.frontier import MIN_POINTS, Frontier, fit_frontier, ladder_fractions
@@ -89,6 +90,8 @@ def compare(
         if summary is None:  # stopped by Ctrl-C, with a checkpoint
             raise KeyboardInterrupt
         summaries[name] = summary
+    if not main_process():  # under torchrun every rank trained; rank 0 reports
+        return []
     logs = {name: read_log(Path(config.train.out_dir) / LOG_NAME) for name, config in configs.items()}
     fixed_names = [name for name, config in configs.items() if config.growth.source_depth is None]
     frontier = fit_frontier([(summaries[n]["flops"], summaries[n]["final_val_loss"]) for n in fixed_names])

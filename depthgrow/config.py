@@ -46,6 +46,11 @@ class TrainConfig:
     )
     eval_batches: int = doc_field(20, "fixed held-out batches per evaluation")
     checkpoint_every: int = doc_field(1000, "steps between checkpoints (also at the end and on Ctrl-C)")
+    async_checkpoint: bool = doc_field(
+        False,
+        "under ddp or fsdp: write each checkpoint's shards in the background while training goes on (the "
+        "checkpoint counts once written: at a later step, the next checkpoint or the end)",
+    )
     out_dir: str = doc_field("runs/train", "the run's folder: config.toml, log.jsonl, checkpoint.pt, summary.json")
     device: str = doc_field("auto", "cpu, cuda or cuda:N; auto takes CUDA when present, else the CPU")
     parallel: Literal["none", "ddp", "fsdp"] = doc_field(
@@ -97,6 +102,7 @@ RESUME_FREE_KEYS = {
     "train.out_dir",
     "train.device",
     "train.checkpoint_every",
+    "train.async_checkpoint",
     "train.eval_every",
     "train.parallel",  # a checkpoint of any world size resumes at any other
     "train.compile",

@@ -3,9 +3,9 @@
 ``torchrun --nproc_per_node N -m depthgrow train --train.parallel ddp|fsdp ...`` starts N processes;
 each reads its rank from the environment torchrun sets, trains on its slice of every global batch
 (every rank draws the same global batch, so the data order is that of a single process) and, under
-FSDP2, holds a shard of every block and of the root. Growth works on the plain model: DDP's is inside
-the wrapper; FSDP2's is rebuilt from the gathered full state, grown, and sharded again, the optimizer
-state following by parameter name (see :func:`unwrapped_for_growth` and :func:`wrap`).
+FSDP2, holds a shard of every block and of the root. :func:`grow_wrapped` is the one place growth takes
+the wrappers off and puts them back: DDP's and compile's model is grown inside them; an FSDP2 model is
+grown shard by shard (:func:`grow_sharded`), so that no rank ever holds the full target model.
 """
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from depthgrow.errors import DepthgrowError
-from depthgrow.optim import OptimizerChain
+from depthgrow.growth import ZEROED_INITS, carry_lr_multiplier, clone_state, grow, slot_sources, source_names
+from depthgrow.models import GrowableModel, skeleton
+from depthgrow.optim import OptimizerChain, build_optimizer, check_coverage
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,12 @@ class World:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The largest value over ranks (in place); the tensor itself for a single process."""
+        if self.initialised:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
     def barrier(self) -> None:
         if self.initialised:
             dist.barrier()
@@ -64,12 +73,20 @@ def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+def main_process() -> bool:
+    """Whether this process reports: rank 0 under torchrun, or a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @contextmanager
 def world(parallel: str, device_name: str, batch_size: int) -> Iterator[tuple[World, str]]:
     """Join the process group torchrun set up (gloo on the CPU, NCCL on GPUs) for the run's duration;
     yield the world and the device this rank trains on. A run that ends normally waits at a barrier
     before leaving the group: without it, destroying the group while a peer still finished its last
-    collective crashed about 1 run in 13. An error leaves at once (see below)."""
+    collective crashed about 1 run in 13. An error leaves at once (see below).
+
+    Nested (a command that trains several runs, such as compare, holds the group for all of them), the
+    inner runs use the group the outer call joined and leave it to that call."""
     if not launched_by_torchrun():
         if parallel != "none":
             raise DepthgrowError(
@@ -88,20 +105,14 @@ def world(parallel: str, device_name: str, batch_size: int) -> Iterator[tuple[Wo
         return
     if batch_size % size:
         raise DepthgrowError(f"train.batch_size={batch_size} must be a multiple of the world size {size}")
-    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
-    if use_cuda and local_rank >= torch.cuda.device_count():
-        raise DepthgrowError(
-            f"train.device={device_name} but local rank {local_rank} has no CUDA device of its own (this machine "
-            f"has {torch.cuda.device_count()}); start at most that many processes per node, or use train.device=cpu"
-        )
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device_name = f"cuda:{local_rank}"
-    else:
-        device_name = "cpu"
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    device_name = _rank_device(device_name, local_rank)
+    ranks = World(rank=rank, size=size, local_rank=local_rank, parallel=parallel)
+    if dist.is_initialized():
+        yield ranks, device_name
+        return
+    dist.init_process_group(backend="nccl" if device_name.startswith("cuda") else "gloo")
     try:
-        yield World(rank=rank, size=size, local_rank=local_rank, parallel=parallel), device_name
+        yield ranks, device_name
     except BaseException:
         # no barrier on the way out of an error: the other ranks may be waiting in another collective
         # (an error on this rank only), and a barrier would hang this one with them; leaving lets
@@ -112,20 +123,50 @@ def world(parallel: str, device_name: str, batch_size: int) -> Iterator[tuple[Wo
     dist.destroy_process_group()
 
 
+@contextmanager
+def joined(parallel: str, device_name: str, batch_size: int) -> Iterator[None]:
+    """Hold the process group (under torchrun) across the runs of a command that trains several (compare,
+    experiment, calibrate): each run's :func:`world` uses it, and the command leaves it once, at the end."""
+    with world(parallel, device_name, batch_size):
+        yield
+
+
+def _rank_device(device_name: str, local_rank: int) -> str:
+    """The device of this rank: its own GPU (by local rank) on CUDA, else the CPU."""
+    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        return "cpu"
+    if local_rank >= torch.cuda.device_count():
+        raise DepthgrowError(
+            f"train.device={device_name} but local rank {local_rank} has no CUDA device of its own (this machine "
+            f"has {torch.cuda.device_count()}); start at most that many processes per node, or use train.device=cpu"
+        )
+    torch.cuda.set_device(local_rank)
+    return f"cuda:{local_rank}"
+
+
 def wrap(model: nn.Module, world: World, *, compile_model: bool) -> nn.Module:
-    """The model as the training step runs it: DDP, or FSDP2 with one unit per block and one at the root
-    (``fully_shard`` shards in place: the module stays itself, its parameters become DTensors), then
-    compiled if asked."""
+    """The model as the training step runs it: DDP, or FSDP2 (:func:`shard`), then compiled if asked."""
     if world.parallel == "ddp":
         device_ids = [world.local_rank] if next(model.parameters()).is_cuda else None
         model = DistributedDataParallel(model, device_ids=device_ids)
     elif world.parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        shard(model)
+    return _compiled(model, compile_model)
 
-        for stack in model.block_stacks().values():
-            for block in stack:
-                fully_shard(block)
-        fully_shard(model)
+
+def shard(model: nn.Module, mesh: DeviceMesh | None = None) -> None:
+    """FSDP2 with one unit per block and one at the root (``fully_shard`` shards in place: the module stays
+    itself, its parameters become DTensors); a model on the meta device stays there, sharded."""
+    from torch.distributed.fsdp import fully_shard
+
+    for stack in model.block_stacks().values():
+        for block in stack:
+            fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _compiled(model: nn.Module, compile_model: bool) -> nn.Module:
     if compile_model:
         # the graphs of earlier models (before an expansion, or of an earlier run in this process) never run
         # again: dropped, or with two per model (train and eval) dynamo's recompile limit (8 per function)
@@ -133,6 +174,111 @@ def wrap(model: nn.Module, world: World, *, compile_model: bool) -> nn.Module:
         torch.compiler.reset()
         model = torch.compile(model)
     return model
+
+
+def grow_wrapped(
+    model: nn.Module,
+    optimizer: OptimizerChain,
+    world: World,
+    target_depth: int,
+    init: str,
+    *,
+    seed: int,
+    copy_optimizer_state: bool,
+    compile_model: bool,
+) -> tuple[nn.Module, OptimizerChain]:
+    """Grow the model the training step runs (plain, compiled, DDP or FSDP2) and return it wrapped as it was,
+    with the one optimizer built for it (state carried by parameter name)."""
+    plain = plain_module(model)
+    if world.parallel == "fsdp":
+        grown, optimizer = grow_sharded(
+            plain, optimizer, target_depth, init, seed=seed, copy_optimizer_state=copy_optimizer_state
+        )
+        return _compiled(grown, compile_model), optimizer
+    grown, optimizer, _ = grow(
+        plain, optimizer, target_depth, init, seed=seed, copy_optimizer_state=copy_optimizer_state
+    )
+    return wrap(grown, world, compile_model=compile_model), optimizer
+
+
+@torch.no_grad()
+def grow_sharded(
+    model: GrowableModel,
+    optimizer: OptimizerChain,
+    target_depth: int,
+    init: str,
+    *,
+    seed: int,
+    copy_optimizer_state: bool = False,
+) -> tuple[GrowableModel, OptimizerChain]:
+    """:func:`~depthgrow.growth.grow` for an FSDP2-sharded model, without the full target model on any rank.
+
+    The target model is built on the meta device and sharded there, then allocated: each rank holds only
+    its shards. Every surviving or copied parameter (and buffer) takes its shard from the source's, which is
+    sharded the same way (same shape, same mesh); a fresh block is drawn whole, one block at a time, exactly
+    as a single process draws it (per-slot generators), and each rank keeps its shard of it. The optimizer
+    is built once, over the new shards; surviving parameters keep their (sharded) state by name."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():  # the root stays unsharded after a forward without a backward (evaluation)
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    mesh = next(model.parameters()).device_mesh
+    device = next(model.parameters()).to_local().device
+    target = skeleton(model.config.with_depth(target_depth))
+    shard(target, mesh)
+    target.to_empty(device=device)
+    target.train(model.training)
+
+    plans = {prefix: slot_sources(init, len(stack), target_depth) for prefix, stack in model.block_stacks().items()}
+    sources = source_names(plans, [name for name, _ in [*target.named_parameters(), *target.named_buffers()]])
+    old = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name, tensor in [*target.named_parameters(), *target.named_buffers()]:
+        if sources[name] is not None:
+            _local(tensor).copy_(_local(old[sources[name].name]))
+    for prefix, slots in plans.items():
+        stack = target.block_stacks()[prefix]
+        for index, source in enumerate(slots):
+            if source is None:  # a fresh block: drawn whole, kept as this rank's shard
+                full = target.make_block(prefix)
+                target.init_block(prefix, index, full, seed)
+                sharded = dict([*stack[index].named_parameters(), *stack[index].named_buffers()])
+                for name, value in [*full.named_parameters(), *full.named_buffers()]:
+                    _local(sharded[name]).copy_(_shard_of(value, sharded[name]))
+                del full
+            if init in ZEROED_INITS and (source is None or slots.index(source) != index):
+                for module in target.residual_projections(stack[index]):
+                    for p in module.parameters():
+                        p.zero_()
+
+    grown = build_optimizer(target, optimizer.config)
+    carry_lr_multiplier(optimizer, grown)
+    old_names = {id(p): name for name, p in model.named_parameters()}
+    old_state = {old_names[id(p)]: state for opt in optimizer.optimizers for p, state in opt.state.items()}
+    names = {id(p): name for name, p in target.named_parameters()}
+    for opt in grown.optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                origin = sources[names[id(p)]]
+                if origin is None or origin.name not in old_state:
+                    continue
+                if not origin.copied:
+                    opt.state[p] = old_state[origin.name]
+                elif copy_optimizer_state:
+                    opt.state[p] = clone_state(old_state[origin.name])
+    check_coverage(target, grown)
+    return target, grown
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _shard_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``full`` when placed as ``like`` is (no communication: every rank holds ``full``)."""
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 
 def plain_module(model: nn.Module) -> nn.Module:
@@ -148,7 +294,7 @@ def _full(value: Any) -> Any:
 def _like(key: str, value: Any, param: torch.Tensor, group: dict[str, Any]) -> Any:
     """Optimizer state ``value`` (a full tensor, or a scalar such as a step count) placed as ``param`` is,
     with torch's own rule for step counts: on the CPU unless the group is fused or capturable."""
-    if not isinstance(value, torch.Tensor):
+    if not isinstance(value, torch.Tensor) or isinstance(value, DTensor):  # a DTensor is placed already
         return value
     if key == "step" and value.ndim == 0:
         on_device = group.get("fused") or group.get("capturable")
@@ -163,11 +309,13 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: _full(value) for name, value in plain_module(model).state_dict().items()}
 
 
-def optimizer_state_by_name(model: nn.Module, optimizer: OptimizerChain) -> dict[str, dict[str, Any]]:
-    """Every parameter's optimizer state, keyed by parameter name, unsharded."""
+def optimizer_state_by_name(
+    model: nn.Module, optimizer: OptimizerChain, *, full: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Every parameter's optimizer state, keyed by parameter name: unsharded, or as held (``full=False``)."""
     names = {id(p): name for name, p in plain_module(model).named_parameters()}
     return {
-        names[id(p)]: {key: _full(value) for key, value in state.items()}
+        names[id(p)]: {key: _full(value) if full else value for key, value in state.items()}
         for opt in optimizer.optimizers
         for p, state in opt.state.items()
     }

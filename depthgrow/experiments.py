@@ -24,6 +24,7 @@ from typing import Any, Literal
 from depthgrow.analysis import DEFAULT_MIX_TOLERANCE, closest_gap, eval_curve, last_growth_step, mixing_time
 from depthgrow.compare import fixed_depth, multiplier_fields, multiplier_text, run_flops
 from depthgrow.config import RunConfig, load_config
+from depthgrow.distributed import main_process
 from depthgrow.errors import DepthgrowError
 from depthgrow.flops import PAPER
 from depthgrow.frontier import Frontier, fit_frontier
@@ -400,6 +401,8 @@ def run_experiment(
             frontier, row["flops"], row["final_val_loss"], paper, paper_full / baseline_summary["flops"]
         )
         rows.append({**row, **fields, "frontier": None if frontier is None else frontier.to_dict()})
+    if not main_process():  # under torchrun every rank trained; rank 0 reports
+        return rows
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -447,6 +450,8 @@ def run_scaling_experiment(
         stored=lambda config, label: stored_run(config, store, label),
         resume_hint=f"the same depthgrow experiment {SCALING} command",
     )
+    if not main_process():
+        return rows
     folder = Path(out) / SCALING
     table = scaling.write_scaling(rows, laws, folder)
     print(f"# {SCALING}: {SCALING_QUESTION}\n\n{table}\n")

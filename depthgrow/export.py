@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from depthgrow.bpe import END_OF_TEXT, TOKENIZER_NAME, load_bpe
-from depthgrow.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from depthgrow.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_weights
 from depthgrow.config import RunConfig
 from depthgrow.data import GPT2_BPE_ENV, VOCAB_SIZES, gpt2_encoding
 from depthgrow.errors import DepthgrowError
@@ -106,7 +106,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, *, overwrite: boo
     # anything is written, so that one that cannot be made leaves no half-written folder
     kind = tokenizer_name(run, checkpoint.get("tokenizer"))
     tokenizer = _run_tokenizer(kind, run, checkpoint_path.parent)
-    model = _to_hf_model(config, checkpoint["model"], tokenizer.eos_token_id)
+    model = _to_hf_model(config, model_weights(checkpoint, checkpoint_path), tokenizer.eos_token_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

@@ -153,6 +153,30 @@ def slot_sources(init: str, source_depth: int, target_depth: int) -> list[int | 
     raise ValueError(f"unknown init {init!r}; choose one of: {', '.join(INITS)}")
 
 
+class Origin(NamedTuple):
+    """Where a tensor of the grown model takes its value from."""
+
+    name: str  # the parameter or buffer of the model before growth
+    copied: bool  # from a copy of a source block (not the slot that keeps the block itself)
+
+
+def source_names(plans: dict[str, list[int | None]], names: Iterable[str]) -> dict[str, Origin | None]:
+    """For each parameter and buffer name of the grown model (``plans``: each stack's :func:`slot_sources`),
+    its origin: the same name outside the block stacks, the source block's tensor for a slot that takes
+    one, None in a fresh block."""
+    origins: dict[str, Origin | None] = {}
+    for name in names:
+        origins[name] = Origin(name, False)
+        for prefix, slots in plans.items():
+            if name.startswith(f"{prefix}."):
+                index, _, suffix = name[len(prefix) + 1 :].partition(".")
+                source = slots[int(index)]
+                copied = source is not None and slots.index(source) != int(index)
+                origins[name] = None if source is None else Origin(f"{prefix}.{source}.{suffix}", copied)
+                break
+    return origins
+
+
 def new_slots(sources: list[int | None]) -> list[int]:
     """The slots of a grown stack that hold a new block: a fresh one or a copy (the first slot that takes
     a source block keeps that very block)."""
@@ -221,7 +245,7 @@ def grow(
         new_optimizer = make_optimizer(model)
     elif isinstance(optimizer, OptimizerChain) and optimizer.config is not None:
         new_optimizer = build_optimizer(model, optimizer.config)
-        _carry_lr_multiplier(optimizer, new_optimizer)
+        carry_lr_multiplier(optimizer, new_optimizer)
     elif isinstance(optimizer, OptimizerChain):
         new_optimizer = OptimizerChain(_rebuild_like(optimizer.optimizers, model, old_names, renamed, copied_from))
     else:
@@ -235,7 +259,7 @@ def grow(
                 if name in renamed and renamed[name] in old_state:
                     opt.state[p] = old_state[renamed[name]]
                 elif copy_optimizer_state and copied_from.get(name) in old_state:
-                    opt.state[p] = _clone_state(old_state[copied_from[name]])
+                    opt.state[p] = clone_state(old_state[copied_from[name]])
     if fully_covered:
         check_coverage(model, new_optimizer)
     return Grown(model, new_optimizer, added)
@@ -260,11 +284,11 @@ def _zero_(modules: Iterable[nn.Module]) -> None:
             p.zero_()
 
 
-def _clone_state(state: dict[str, Any]) -> dict[str, Any]:
+def clone_state(state: dict[str, Any]) -> dict[str, Any]:
     return {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in state.items()}
 
 
-def _carry_lr_multiplier(old: OptimizerChain, new: OptimizerChain) -> None:
+def carry_lr_multiplier(old: OptimizerChain, new: OptimizerChain) -> None:
     """New groups start at the schedule position of the old ones (no re-warmup)."""
     reference = next(g for g in old.param_groups if "initial_lr" in g)
     new.set_lr_multiplier(reference["lr"] / reference["initial_lr"])

@@ -2,9 +2,11 @@
 
 A run directory holds ``config.toml`` (the resolved config), ``log.jsonl`` (a ``train`` record per
 step, an ``eval`` record per evaluation, including just before and just after each expansion, and a
-``growth`` record per expansion; a ``config_change`` record where a resume changed the learning rate or
+``growth`` record per expansion, followed by a ``memory`` record of its peak memory where the machine
+measures it; a ``config_change`` record where a resume changed the learning rate or
 another of ``RESUME_CHANGEABLE_KEYS``, a ``diverged`` record where the divergence guard stopped the run),
-``checkpoint.pt`` and, once finished, ``summary.json``. The folder is written only once data, model and
+``checkpoint.pt`` (under several processes with the shards it names in ``checkpoint-shards/``, see
+:mod:`depthgrow.checkpoint`) and, once finished, ``summary.json``. The folder is written only once data, model and
 checkpoint have passed their checks; a failed write of any of these files stops the run with
 :class:`OutputWriteError`, a diverged loss with :class:`Diverged`, before another checkpoint is written.
 
@@ -36,11 +38,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from depthgrow.bpe import TOKENIZER_NAME
 from depthgrow.checkpoint import (
     CHECKPOINT_NAME,
+    SHARDS_DIR,
+    ShardedCheckpoints,
     load_checkpoint,
+    optimizer_template,
+    read_shards,
     restore_training_state,
     save_checkpoint,
     training_state,
@@ -57,7 +64,7 @@ from depthgrow.config import (
 from depthgrow.data import Batches, make_batches
 from depthgrow.distributed import (
     World,
-    full_model_state,
+    grow_wrapped,
     load_optimizer_state_by_name,
     optimizer_state_by_name,
     plain_module,
@@ -66,9 +73,9 @@ from depthgrow.distributed import (
 )
 from depthgrow.errors import DepthgrowError, Diverged, OutputWriteError
 from depthgrow.flops import DEPTHGROW, peak_tflops
-from depthgrow.growth import grow
 from depthgrow.guard import DivergenceGuard
 from depthgrow.masking import ResidualRamp, updated_ramp
+from depthgrow.memory import peak_memory
 from depthgrow.metrics import LOG_NAME, JsonlLog, Progress
 from depthgrow.models import build_model
 from depthgrow.optim import OptimizerChain, build_optimizer
@@ -254,6 +261,7 @@ def _create_out_dir(config: RunConfig, *, fresh: bool) -> bool:
             # a fresh start must not leave the old run's checkpoint behind for a later --resume to pick up
             for stale in (CHECKPOINT_NAME, CHECKPOINT_NAME + ".tmp", SUMMARY_NAME):
                 (out_dir / stale).unlink(missing_ok=True)
+            shutil.rmtree(out_dir / SHARDS_DIR, ignore_errors=True)
         else:  # a resume that changes the config (an extension): the summary is written again at the end
             (out_dir / SUMMARY_NAME).unlink(missing_ok=True)
         save_config(config, out_dir / CONFIG_NAME)
@@ -269,29 +277,188 @@ def _write_run_file(path: Path, text: str) -> None:
         raise OutputWriteError.of(path, error, needed_bytes=len(text.encode()), note="the run stopped") from None
 
 
-@dataclass
-class _Run:
-    """What one training run holds while it runs. ``model`` is what the step runs (wrapped for DDP,
-    sharded for FSDP2, compiled if asked); :func:`plain_module` gives the model inside."""
+@dataclass(frozen=True)
+class Display:
+    """How a run shows itself: the label of its progress lines, and the command that resumes it after a
+    Ctrl-C (None: ``depthgrow train --resume OUT_DIR``; compare and the experiments resume as a whole)."""
 
-    config: RunConfig
-    plan: GrowthPlan
-    batches: Batches | ImageBatches
-    val_batches: list[tuple[torch.Tensor, torch.Tensor]]
-    device: torch.device
-    world: World
-    model: nn.Module
-    optimizer: OptimizerChain
-    state: TrainState
-    log: JsonlLog | None  # rank 0 only
-    trackers: Trackers  # TensorBoard, W&B if asked (rank 0 only)
-    peak_flops: float | None  # per second, per device, for MFU
-    guard: DivergenceGuard
-    saved_step: int | None  # the step of the checkpoint in out_dir, if any
-    launcher: str  # "torchrun ... -m " before "depthgrow" under torchrun
-    resume_hint: str | None  # the command that resumes this run when it is not a plain train (compare)
-    compile_pending: bool = False  # the next step compiles: its time is compile time
-    ramp: ResidualRamp | None = None  # msg's mask on the new blocks, while it ramps up
+    label: str = "train"
+    resume_hint: str | None = None
+
+
+class Trainer:
+    """One training run, built once from a config, the world of processes and, to resume, a checkpoint;
+    :meth:`fit` trains it to the end (or to ``stop_at``).
+
+    :meth:`state_dict` holds everything a resume needs and :meth:`load_state_dict` restores exactly that:
+    model and optimizer state by parameter name (as this process holds them: DTensor shards under FSDP2),
+    the counters (the step is also the data position: every batch is a function of the seed and the
+    step), the RNG, the divergence guard and the log's length. ``model`` is what the step runs (wrapped
+    for DDP, sharded for FSDP2, compiled if asked); :func:`plain_module` gives the model inside."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        world: World,
+        device: torch.device,
+        *,
+        checkpoint: dict[str, Any] | None = None,
+        display: Display = Display(),
+    ) -> None:
+        self.config, self.world, self.device, self.display = config, world, device, display
+        out_dir = Path(config.train.out_dir)
+        run_bpe = out_dir / TOKENIZER_NAME
+        self.batches: Batches | ImageBatches = make_batches(
+            config.model,
+            config.data,
+            batch_size=config.train.batch_size,
+            eval_batches=config.train.eval_batches,
+            seed=config.train.seed,
+            # a resumed run reads the vocabulary it started with, never a retrained or re-cached one
+            bpe_file=run_bpe if checkpoint and run_bpe.is_file() else None,
+        )
+        self.val_batches = self.batches.val_batches()
+        self.plan: GrowthPlan = config.plan()
+        torch.manual_seed(config.train.seed)
+        depth = checkpoint["train_state"]["depth"] if checkpoint else self.plan.initial_depth
+        self.state = TrainState(depth=depth)
+        plain = build_model(config.model.with_depth(depth), seed=config.train.seed, device=device)
+        self.model = wrap(plain, world, compile_model=config.train.compile)
+        self.optimizer: OptimizerChain = build_optimizer(plain_module(self.model), config.optim)
+        self.guard = DivergenceGuard(config.train.diverge_factor)
+        peak = peak_tflops(device, config.train.peak_tflops, config.train.precision)
+        self.peak_flops = None if peak is None else peak * 1e12  # per second, per device, for MFU
+        self.log: JsonlLog | None = None  # rank 0 only, opened by open_outputs
+        self.trackers = Trackers()  # TensorBoard, W&B if asked (rank 0 only)
+        self.log_offset: int | None = None  # where the log of the restored state ends
+        self.compile_pending = config.train.compile  # the next step compiles: its time is compile time
+        self.ramp: ResidualRamp | None = None  # msg's mask on the new blocks, while it ramps up
+        self.shards = (
+            ShardedCheckpoints(
+                out_dir,
+                is_main=world.is_main,
+                asynchronous=config.train.async_checkpoint,
+                committed=checkpoint.get("shards") if checkpoint else None,
+            )
+            if world.initialised
+            else None
+        )
+        self.saved_step: int | None = None  # the step of the checkpoint in out_dir, if any
+        if checkpoint is not None:
+            self.load_state_dict(self._with_shards(checkpoint))
+            self.saved_step = self.state.step
+        self.model.train()
+
+    # --- what a resume needs ---
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs (the log flushed first, so that its length is the log's)."""
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "model": plain_module(self.model).state_dict(),
+            "optimizer": optimizer_state_by_name(self.model, self.optimizer, full=False),
+            "config": self.config.to_dict(),
+            "train_state": self.state.state_dict(),
+            "divergence_guard": self.guard.state_dict(),
+            "tokenizer": getattr(self.batches.data, "tokenizer", None),  # what generate and export decode with
+            "rng": rng,
+            "log_offset": self.log.flush() if self.log is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; model and optimizer state may be full tensors (of a
+        single-process checkpoint, loaded at any world size) or this process's shards."""
+        self.state = TrainState(**state["train_state"])
+        if self.state.depth != plain_module(self.model).config.n_layer:
+            raise DepthgrowError(
+                f"the state is of a depth-{self.state.depth} model, this trainer's is "
+                f"{plain_module(self.model).config.n_layer} deep: build the trainer from the checkpoint"
+            )
+        if any(isinstance(value, DTensor) for value in state["model"].values()):
+            plain_module(self.model).load_state_dict(state["model"])
+            load_optimizer_state_by_name(self.model, self.optimizer, state["optimizer"])
+        else:
+            restore_training_state(plain_module(self.model), self.optimizer, state)
+        self.guard.load_state_dict(state.get("divergence_guard", {}))
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.log_offset = state["log_offset"]
+
+    def _with_shards(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint with its model and optimizer state read from the shards it names (straight into
+        this process's model and its shards of it), if it names any."""
+        if "shards" not in checkpoint:
+            return checkpoint
+        folder = Path(self.config.train.out_dir) / checkpoint["shards"]
+        plain = plain_module(self.model)
+        tensors = {
+            "model": plain.state_dict(),
+            "optimizer": optimizer_template(folder, dict(plain.named_parameters())),
+        }
+        read_shards(folder, tensors)
+        return {**checkpoint, **tensors}
+
+    def save(self) -> None:
+        """Write a checkpoint of the state now: one file from a single process, shards under several."""
+        state = self.state_dict()
+        self.saved_step = self.state.step  # on every rank: whether to save at the end is decided by all
+        if self.world.is_main:
+            self.trackers.flush()
+        tensors = {key: state.pop(key) for key in ("model", "optimizer")}
+        if self.shards is not None:
+            self.shards.save(self.state.step, tensors, state)
+        else:
+            out_dir = Path(self.config.train.out_dir)
+            payload = training_state(plain_module(self.model), self.optimizer)
+            save_checkpoint(out_dir / CHECKPOINT_NAME, {**state, **payload})
+            shutil.rmtree(out_dir / SHARDS_DIR, ignore_errors=True)  # of processes this run was resumed from
+
+    # --- outputs ---
+
+    def open_outputs(self, *, resumed: bool, changes: dict[str, Any]) -> None:
+        """Write the run's folder (rank 0), now that data, model and checkpoint have passed: a run that fails
+        before this leaves no folder behind (one it created itself) and an --overwrite leaves the old run
+        whole; open the log and the trackers."""
+        out_dir = Path(self.config.train.out_dir)
+        created = False
+        if self.world.is_main and (not resumed or changes):
+            created = _create_out_dir(self.config, fresh=not resumed)
+        self.world.barrier()  # rank 0 has cleared the folder of a previous run
+        if not self.world.is_main:
+            return
+        run_bpe = out_dir / TOKENIZER_NAME
+        try:
+            if self.batches.bpe_json is not None and not (resumed and run_bpe.is_file()):
+                _write_run_file(run_bpe, self.batches.bpe_json)
+            self.log = JsonlLog(out_dir / LOG_NAME, truncate_to=self.log_offset if resumed else None)
+            self.trackers = Trackers.open(
+                self.config.train.loggers,
+                out_dir=out_dir,
+                run_name=out_dir.name,
+                config=self.config.to_dict(),
+                resume=resumed,
+                resume_step=self.state.step if resumed else None,
+            )
+        except DepthgrowError:
+            self.close_outputs()
+            if created:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
+
+    def close_outputs(self) -> None:
+        if self.log is not None:
+            self.log.close()
+        self.trackers.close()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log.write(record)
+            self.trackers.log(record)
+
+    # --- the loop ---
 
     def update_ramp(self) -> None:
         """Set the new blocks' mask for the coming forward passes (growth methods with a ramp)."""
@@ -299,16 +466,12 @@ class _Run:
 
     @property
     def resume_command(self) -> str:
-        return self.resume_hint or f"{self.launcher}depthgrow train --resume {self.config.train.out_dir}"
+        launcher = f"torchrun --nproc_per_node {self.world.size} -m " if self.world.initialised else ""
+        return self.display.resume_hint or f"{launcher}depthgrow train --resume {self.config.train.out_dir}"
 
     def autocast(self) -> AbstractContextManager:
         bf16 = uses_bf16(self.config.train.precision, self.device)
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.log is not None:
-            self.log.write(record)
-            self.trackers.log(record)
 
     def train_step(self, stop: _StopRequest) -> tuple[float, bool]:
         """One optimizer step on this rank's share of the global batch; return the loss over the global
@@ -352,14 +515,16 @@ class _Run:
         self.write(dict(event="diverged", step=self.state.step, quantity=quantity, value=value))
         if self.log is not None:
             self.log.flush()
+        if self.shards is not None:  # a checkpoint being written counts once written, before this step's
+            self.shards.wait()
         lr = self.config.optim.lr
         if self.saved_step is None:
             advice = f"no checkpoint was written; start again with a lower optim.lr (now {lr:g})"
         else:
             advice = f"the checkpoint of step {self.saved_step} in {self.config.train.out_dir} is whole; " + (
                 f"resume it with a lower learning rate: {self.resume_command} --optim.lr {lr / 2:g}"
-                if self.resume_hint is None
-                else f"lower optim.lr (now {lr:g}) and run {self.resume_hint} again"
+                if self.display.resume_hint is None
+                else f"lower optim.lr (now {lr:g}) and run {self.display.resume_hint} again"
             )
         factor = self.config.train.diverge_factor
         raise Diverged(f"training diverged: {problem} (train.diverge_factor={factor}); stopped, {advice}")
@@ -394,19 +559,23 @@ class _Run:
         started = time.perf_counter()
         source_depth, target_depth = self.state.depth, self.plan.depth_at(self.state.step)
         growth = self.config.growth
-        model, optimizer = self._plain_for_growth()
-        model, optimizer, _ = grow(
-            model,
-            optimizer,
-            target_depth,
-            self.plan.init,
-            seed=self.config.train.seed,
-            copy_optimizer_state=growth.copy_optimizer_state,
-        )
-        self._rewrap(model, optimizer)
+        with peak_memory(self.device) as memory:
+            self.model, self.optimizer = grow_wrapped(
+                self.model,
+                self.optimizer,
+                self.world,
+                target_depth,
+                self.plan.init,
+                seed=self.config.train.seed,
+                copy_optimizer_state=growth.copy_optimizer_state,
+                compile_model=self.config.train.compile,
+            )
+        self.compile_pending = self.config.train.compile
         seconds = time.perf_counter() - started
         self.state.growth_time_s += seconds
         self.state.depth = target_depth
+        # the fullest rank's: how much memory growth took above what the rank held before it
+        memory_bytes = self.world.max(torch.tensor([-1 if memory.bytes is None else memory.bytes], device=self.device))
         after = self.evaluate("post_growth")
         self.write(
             dict(
@@ -421,53 +590,94 @@ class _Run:
                 val_loss_after=after,
             )
         )
+        if memory_bytes.item() >= 0:  # a measurement, apart from what a resumed run repeats exactly
+            self.write(dict(event="memory", step=self.state.step, phase="growth", peak_bytes=int(memory_bytes.item())))
         return before, after
 
-    def _plain_for_growth(self) -> tuple[nn.Module, OptimizerChain]:
-        """The unwrapped model and an optimizer over it: DDP's and compile's are inside the wrappers; an
-        FSDP2 model is gathered into a plain one with its optimizer state, by parameter name."""
-        if self.world.parallel != "fsdp":
-            return plain_module(self.model), self.optimizer
-        weights = full_model_state(self.model)
-        states = optimizer_state_by_name(self.model, self.optimizer)
-        model = build_model(
-            self.config.model.with_depth(self.state.depth), seed=self.config.train.seed, device=self.device
-        )
-        model.load_state_dict(weights)
-        optimizer = build_optimizer(model, self.config.optim)
-        load_optimizer_state_by_name(model, optimizer, states)
-        return model, optimizer
+    def fit(self, *, stop_at: int | None = None, changes: dict[str, Any] | None = None) -> RunResult:
+        """Train to the last step (or to ``stop_at``, then save as a kill would), evaluating, growing and
+        checkpointing as the config says; ``changes``: the config keys a resume changed (logged)."""
+        config, state, plan, ranks, label = self.config, self.state, self.plan, self.world, self.display.label
+        total = config.train.steps
+        out_dir = Path(config.train.out_dir)
+        resumed = self.saved_step is not None
+        quiet = None if ranks.is_main else open(os.devnull, "w")  # noqa: SIM115 - closed below
+        progress = Progress(total=total, initial=state.step, label=label, **({"stream": quiet} if quiet else {}))
+        if resumed:
+            progress.write(
+                f"{label}: resumed at step {state.step} (depth {state.depth}) from {out_dir / CHECKPOINT_NAME}"
+            )
+        else:
+            for line in _header(config, plan, self.batches, self.device, ranks, label):
+                progress.write(line)
+        if changes:
+            self.write(dict(event="config_change", step=state.step, changes={k: list(v) for k, v in changes.items()}))
+            changed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
+            progress.write(f"{label}: from step {state.step} on, {changed}")
+        stopped = False
+        with _stop_on_signals() as stop:
+            try:
+                if not resumed:  # the curve starts where training does
+                    progress.write(f"{label} step 0/{total}: val_loss {self.evaluate():.4f}")
+                while state.step < total and not stopped and (stop_at is None or state.step < stop_at):
+                    if plan.depth_at(state.step) > state.depth:
+                        before, after = self.expand()
+                        progress.write(
+                            f"{label}: grew to depth {state.depth} at step {state.step} "
+                            f"(val_loss {before:.4f} before, {after:.4f} after)"
+                        )
+                    loss, stopped = self.train_step(stop)
+                    # at an expansion step the pre-growth evaluation is the step's one
+                    expanding_next = plan.depth_at(state.step) > state.depth
+                    if (state.step % config.train.eval_every == 0 or state.step == total) and not expanding_next:
+                        progress.write(f"{label} step {state.step}/{total}: val_loss {self.evaluate():.4f}")
+                    if state.step % config.train.checkpoint_every == 0 or state.step == total:
+                        self.save()
+                    elif self.shards is not None:
+                        self.shards.poll()
+                    progress.update(state.step, self._progress_fields(loss))
+                if self.saved_step != state.step:
+                    self.save()
+                if self.shards is not None:
+                    self.shards.wait()
+            finally:
+                progress.close()
+                self.close_outputs()
+                if quiet is not None:
+                    quiet.close()
 
-    def _rewrap(self, model: nn.Module, optimizer: OptimizerChain) -> None:
-        """Wrap the grown model again; under FSDP2 the optimizer is rebuilt over the new shards and each
-        parameter's state sharded as the parameter is."""
-        states = optimizer_state_by_name(model, optimizer) if self.world.parallel == "fsdp" else None
-        self.model = wrap(model, self.world, compile_model=self.config.train.compile)
-        self.compile_pending = self.config.train.compile
-        if states is None:
-            self.optimizer = optimizer
-            return
-        self.optimizer = build_optimizer(plain_module(self.model), self.config.optim)
-        load_optimizer_state_by_name(self.model, self.optimizer, states)
+        if state.step == total:
+            counters = {
+                key: value for key, value in state.state_dict().items() if key not in ("units", "last_val_loss")
+            }
+            summary = {
+                "final_val_loss": state.last_val_loss,
+                f"{self.batches.unit}s": state.units,
+                **counters,
+                "depths": list(plan.depths),
+                "growth_steps": list(plan.steps),
+            }
+            if ranks.is_main:
+                _write_run_file(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+            ranks.barrier()  # the summary is there for every rank (compare reads it on each)
+            return RunResult(out_dir, state, state.last_val_loss, True, ranks.is_main)
+        if stopped and ranks.is_main:
+            print(
+                f"{label}: interrupted at step {state.step}; checkpoint saved. Resume with: {self.resume_command}",
+                file=sys.stderr,
+            )
+        return RunResult(out_dir, state, None, False, ranks.is_main)
 
-    def save(self) -> None:
-        payload = training_state(plain_module(self.model), self.optimizer)  # a collective under FSDP2
-        self.saved_step = self.state.step  # on every rank: whether to save at the end is decided by all
-        if not self.world.is_main:
-            return
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        self.trackers.flush()
-        payload.update(
-            config=self.config.to_dict(),
-            train_state=self.state.state_dict(),
-            divergence_guard=self.guard.state_dict(),
-            tokenizer=getattr(self.batches.data, "tokenizer", None),  # what generate and export decode with
-            rng=rng,
-            log_offset=self.log.flush(),
-        )
-        save_checkpoint(Path(self.config.train.out_dir) / CHECKPOINT_NAME, payload)
+    def _progress_fields(self, loss: float) -> dict[str, str]:
+        state = self.state
+        rate = state.units / max(state.train_time_s, 1e-9)
+        fields = {"loss": f"{loss:.3f}", f"{self.batches.unit}/s": f"{rate:.0f}", "depth": str(state.depth)}
+        if state.last_val_loss is not None:
+            fields["val_loss"] = f"{state.last_val_loss:.3f}"
+        if self.peak_flops is not None:
+            mfu = state.flops / max(state.train_time_s, 1e-9) / (self.peak_flops * self.world.size)
+            fields["mfu"] = f"{mfu:.1%}"
+        return {**fields, "flops": f"{state.flops:.2e}"}
 
 
 def train(
@@ -480,8 +690,8 @@ def train(
     resume_hint: str | None = None,
 ) -> RunResult:
     """Run (or, with ``resume``, continue) training as ``config`` says; ``stop_at`` ends the run after
-    that many steps with a checkpoint, as a kill would, so that it can be resumed. ``resume_hint`` is the
-    command printed after a Ctrl-C (default: ``depthgrow train --resume OUT_DIR``). Under torchrun with
+    that many steps with a checkpoint, as a kill would, so that it can be resumed; ``label`` and
+    ``resume_hint`` are the run's :class:`Display`. Under torchrun with
     ``train.parallel`` ddp or fsdp every rank calls this; rank 0 alone writes the outputs."""
     config.validate()
     if config.train.compile and not torch._dynamo.is_dynamo_supported():
@@ -490,176 +700,17 @@ def train(
             "train without --train.compile"
         )
     with world(config.train.parallel, config.train.device, config.train.batch_size) as (ranks, device_name):
-        return _train(
-            config,
-            ranks,
-            device_name,
-            resume=resume,
-            overwrite=overwrite,
-            stop_at=stop_at,
-            label=label,
-            resume_hint=resume_hint,
-        )
-
-
-def _train(
-    config: RunConfig,
-    ranks: World,
-    device_name: str,
-    *,
-    resume: bool,
-    overwrite: bool,
-    stop_at: int | None,
-    label: str,
-    resume_hint: str | None,
-) -> RunResult:
-    checkpoint, changes = _check_out_dir(config, resume=resume, overwrite=overwrite)
-    start_step = checkpoint["train_state"]["step"] if checkpoint else 0
-    if stop_at is not None and not start_step < stop_at <= config.train.steps:
-        raise DepthgrowError(f"--stop-at must be in ({start_step}, {config.train.steps}], got {stop_at}")
-    out_dir = Path(config.train.out_dir)
-
-    device = resolve_device(device_name)
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)
-    run_bpe = out_dir / TOKENIZER_NAME
-    batches = make_batches(
-        config.model,
-        config.data,
-        batch_size=config.train.batch_size,
-        eval_batches=config.train.eval_batches,
-        seed=config.train.seed,
-        # a resumed run reads the vocabulary it started with, never a retrained or re-cached one
-        bpe_file=run_bpe if checkpoint and run_bpe.is_file() else None,
-    )
-    plan = config.plan()
-    torch.manual_seed(config.train.seed)
-    state = TrainState(**checkpoint["train_state"]) if checkpoint else TrainState(depth=plan.initial_depth)
-    plain = build_model(config.model.with_depth(state.depth), seed=config.train.seed, device=device)
-    model = wrap(plain, ranks, compile_model=config.train.compile)
-    optimizer = build_optimizer(plain_module(model), config.optim)
-    guard = DivergenceGuard(config.train.diverge_factor)
-    if checkpoint:
-        restore_training_state(plain_module(model), optimizer, checkpoint)
-        guard.load_state_dict(checkpoint.get("divergence_guard", {}))
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-
-    # the folder is written only now that data, model and checkpoint have passed: a run that fails before
-    # it starts leaves no folder behind (one it created itself) and an --overwrite leaves the old run whole
-    created = False
-    if ranks.is_main and (checkpoint is None or changes):
-        created = _create_out_dir(config, fresh=checkpoint is None)
-    ranks.barrier()  # rank 0 has cleared the folder of a previous run
-    log, trackers = None, Trackers()
-    try:
-        if batches.bpe_json is not None and ranks.is_main and not (checkpoint and run_bpe.is_file()):
-            _write_run_file(run_bpe, batches.bpe_json)
-        if ranks.is_main:
-            log = JsonlLog(out_dir / LOG_NAME, truncate_to=checkpoint["log_offset"] if checkpoint else None)
-            trackers = Trackers.open(
-                config.train.loggers,
-                out_dir=out_dir,
-                run_name=out_dir.name,
-                config=config.to_dict(),
-                resume=checkpoint is not None,
-                resume_step=state.step if checkpoint else None,
-            )
-    except DepthgrowError:
-        if log is not None:
-            log.close()
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-    peak = peak_tflops(device, config.train.peak_tflops, config.train.precision)
-    run = _Run(
-        config,
-        plan,
-        batches,
-        batches.val_batches(),
-        device,
-        ranks,
-        model,
-        optimizer,
-        state,
-        log,
-        trackers,
-        None if peak is None else peak * 1e12,
-        guard,
-        saved_step=state.step if checkpoint else None,
-        launcher=f"torchrun --nproc_per_node {ranks.size} -m " if ranks.initialised else "",
-        resume_hint=resume_hint,
-        compile_pending=config.train.compile,
-    )
-    model.train()
-
-    total = config.train.steps
-    quiet = None if ranks.is_main else open(os.devnull, "w")  # noqa: SIM115 - closed below
-    progress = Progress(total=total, initial=state.step, label=label, **({"stream": quiet} if quiet else {}))
-    if checkpoint:
-        progress.write(f"{label}: resumed at step {state.step} (depth {state.depth}) from {out_dir / CHECKPOINT_NAME}")
-    else:
-        for line in _header(config, plan, batches, device, ranks, label):
-            progress.write(line)
-    if changes:
-        run.write(dict(event="config_change", step=state.step, changes={k: list(v) for k, v in changes.items()}))
-        changed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
-        progress.write(f"{label}: from step {state.step} on, {changed}")
-    stopped = False
-    with _stop_on_signals() as stop:
-        try:
-            if checkpoint is None:  # the curve starts where training does
-                progress.write(f"{label} step 0/{total}: val_loss {run.evaluate():.4f}")
-            while state.step < total and not stopped and (stop_at is None or state.step < stop_at):
-                if plan.depth_at(state.step) > state.depth:
-                    before, after = run.expand()
-                    progress.write(
-                        f"{label}: grew to depth {state.depth} at step {state.step} "
-                        f"(val_loss {before:.4f} before, {after:.4f} after)"
-                    )
-                loss, stopped = run.train_step(stop)
-                # at an expansion step the pre-growth evaluation is the step's one
-                expanding_next = plan.depth_at(state.step) > state.depth
-                if (state.step % config.train.eval_every == 0 or state.step == total) and not expanding_next:
-                    progress.write(f"{label} step {state.step}/{total}: val_loss {run.evaluate():.4f}")
-                if state.step % config.train.checkpoint_every == 0 or state.step == total:
-                    run.save()
-                rate = state.units / max(state.train_time_s, 1e-9)
-                fields = {"loss": f"{loss:.3f}", f"{batches.unit}/s": f"{rate:.0f}", "depth": str(state.depth)}
-                if state.last_val_loss is not None:
-                    fields["val_loss"] = f"{state.last_val_loss:.3f}"
-                if run.peak_flops is not None:
-                    fields["mfu"] = f"{state.flops / max(state.train_time_s, 1e-9) / (run.peak_flops * ranks.size):.1%}"
-                progress.update(state.step, {**fields, "flops": f"{state.flops:.2e}"})
-            if run.saved_step != state.step:
-                run.save()
-        finally:
-            progress.close()
-            if log is not None:
-                log.close()
-            trackers.close()
-            if quiet is not None:
-                quiet.close()
-
-    if state.step == total:
-        counters = {key: value for key, value in state.state_dict().items() if key not in ("units", "last_val_loss")}
-        summary = {
-            "final_val_loss": state.last_val_loss,
-            f"{batches.unit}s": state.units,
-            **counters,
-            "depths": list(plan.depths),
-            "growth_steps": list(plan.steps),
-        }
-        if ranks.is_main:
-            _write_run_file(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
-        return RunResult(out_dir, state, state.last_val_loss, True, ranks.is_main)
-    if stopped and ranks.is_main:
-        print(
-            f"{label}: interrupted at step {state.step}; checkpoint saved. Resume with: {run.resume_command}",
-            file=sys.stderr,
-        )
-    return RunResult(out_dir, state, None, False, ranks.is_main)
+        checkpoint, changes = _check_out_dir(config, resume=resume, overwrite=overwrite)
+        start_step = checkpoint["train_state"]["step"] if checkpoint else 0
+        if stop_at is not None and not start_step < stop_at <= config.train.steps:
+            raise DepthgrowError(f"--stop-at must be in ({start_step}, {config.train.steps}], got {stop_at}")
+        device = resolve_device(device_name)
+        if device.type == "cpu":
+            torch.set_flush_denormal(True)
+        display = Display(label, resume_hint)
+        trainer = Trainer(config, ranks, device, checkpoint=checkpoint, display=display)
+        trainer.open_outputs(resumed=checkpoint is not None, changes=changes)
+        return trainer.fit(stop_at=stop_at, changes=changes)
 
 
 def _header(

@@ -19,15 +19,15 @@ def launch_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+def torchrun(*args: str, command: str = "train") -> subprocess.CompletedProcess:
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     return subprocess.run(
-        [*command, "-m", "depthgrow", "train", *args], capture_output=True, text=True, env=launch_env(), timeout=300
+        [*launch, "-m", "depthgrow", command, *args], capture_output=True, text=True, env=launch_env(), timeout=300
     )
 
 
-def single(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "depthgrow", "train", *args]
+def single(*args: str, command: str = "train") -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "depthgrow", command, *args]
     return subprocess.run(command, capture_output=True, text=True, env=launch_env(), timeout=300)
 
 

@@ -2,6 +2,7 @@
 checkpoints that change world size on resume."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +13,8 @@ from launch import RTOL, assert_same_losses, curve, launch_env, single, torchrun
 from torch import nn
 
 from depthgrow import DepthgrowError, load_config, train
+from depthgrow.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from depthgrow.cli import main
 from depthgrow.distributed import World, world
 from depthgrow.flops import peak_tflops
 from depthgrow.metrics import read_log
@@ -129,6 +132,24 @@ def test_an_expert_idle_on_one_rank_but_not_the_other_trains_under_fsdp(tmp_path
     assert_same_losses(tmp_path / "fsdp", tmp_path / "single")
 
 
+def torchrun_script(tmp_path, source: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Run ``source`` (a script standing for ``python -m depthgrow``) on 2 processes; fail the test if the
+    run is still going after ``timeout`` seconds (a rank left waiting for another)."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    process = subprocess.Popen(
+        [*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launch_env()
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()  # torchrun stops its workers
+        process.communicate()
+        pytest.fail(f"the run was still going after {timeout} s: a rank was left waiting")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 FAIL_ON_RANK_0 = """
 import importlib, os, sys
 from depthgrow import DepthgrowError
@@ -142,21 +163,11 @@ sys.exit(main())
 
 
 def test_an_error_on_one_rank_ends_the_run_instead_of_hanging(tmp_path):
-    script = tmp_path / "fail_on_rank_0.py"
-    script.write_text(FAIL_ON_RANK_0)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    # rank 0 fails before the barrier after its outputs; rank 1 waits there (or in the first evaluation)
     args = ["train", *RUN, "--train.parallel", "fsdp", "--out", str(tmp_path / "run")]
-    process = subprocess.Popen(
-        [*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launch_env()
-    )
-    try:
-        _, stderr = process.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        process.terminate()  # torchrun stops its workers
-        process.communicate()
-        pytest.fail("an error on rank 0 left the run hanging (rank 0 at a barrier, rank 1 in a forward)")
-    assert process.returncode != 0
-    assert "depthgrow: error: the tracker failed on rank 0" in stderr
+    done = torchrun_script(tmp_path, FAIL_ON_RANK_0, *args, timeout=90)
+    assert done.returncode != 0
+    assert "depthgrow: error: the tracker failed on rank 0" in done.stderr
 
 
 def test_a_short_last_batch_leaves_a_rank_an_empty_slice_that_adds_nothing():
@@ -198,3 +209,201 @@ def test_the_mfu_peak_is_the_named_gpus_dense_bf16_figure(monkeypatch, name, pea
     assert peak_tflops(torch.device("cuda", 0), None, "auto") == peak
     assert peak_tflops(torch.device("cuda", 0), None, "fp32") is None
     assert peak_tflops(torch.device("cuda", 0), 100.0, "fp32") == 100.0
+
+
+def test_growth_under_fsdp_copying_blocks_and_their_state_repeats_the_single_process_losses(tmp_path):
+    # a one-layer source copied into both slots (the second's outputs zeroed) with its optimizer state:
+    # surviving, copied and zeroed shards, each taken from the source's shards on the rank
+    args = [*RUN, "--growth.source_depth", "1", "--growth.init", "copy_zero", "--growth.copy_optimizer_state", "true"]
+    done = torchrun(*args, "--train.parallel", "fsdp", "--out", str(tmp_path / "fsdp"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = single(*args, "--out", str(tmp_path / "single"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert_same_losses(tmp_path / "fsdp", tmp_path / "single")
+
+
+# 0 -> 8 blocks of width 512 at step 1: the grown model's weights are 26.4M parameters (105 MB)
+WIDE = ["--model", "gpt2-test", "--model.n_embd", "512", "--model.n_head", "8", "--model.n_layer", "8",
+        "--train.steps", "2", "--train.batch_size", "2", "--train.eval_every", "2", "--train.eval_batches", "1",
+        "--growth.source_depth", "0", "--growth.at", "1"]  # fmt: skip
+
+
+def test_growth_under_fsdp_never_holds_the_full_target_model_on_a_rank(tmp_path, monkeypatch):
+    # glibc raises its mmap threshold to the size of a freed block, so that later blocks of that size come
+    # from the heap and may stay resident after they are freed (the figure varied 0.70-0.87 of the target's
+    # weights): a fixed threshold returns each freed block, and the figure measures what growth holds at once
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    wide = {"model.preset": "gpt2-test", "model.n_embd": "512", "model.n_head": "8", "model.n_layer": "8"}
+    target_bytes = load_config(None, wide).model.num_params() * 4
+    memory = {}
+    for parallel in ("fsdp", "ddp"):
+        done = torchrun(*WIDE, "--train.parallel", parallel, "--out", str(tmp_path / parallel))
+        assert done.returncode == 0, done.stderr[-3000:]
+        (growth,) = [r for r in read_log(tmp_path / parallel / "log.jsonl") if r["event"] == "memory"]
+        memory[parallel] = growth["peak_bytes"]  # the fuller rank's peak above what it held before growth
+    # each rank holds its half of the grown model and one fresh block drawn whole at a time: 0.62 of the
+    # target's weights; DDP's ranks hold all of them and DDP's gradient buckets as much again (2.1), which
+    # shows that the figure measures what it says
+    assert memory["fsdp"] < 0.75 * target_bytes, (memory, target_bytes)
+    assert memory["ddp"] > 1.5 * target_bytes, (memory, target_bytes)
+
+
+def shard_folder(run_dir) -> str:
+    return load_checkpoint(run_dir / CHECKPOINT_NAME)["shards"]
+
+
+@pytest.mark.parametrize(
+    ("writer", "stop_at", "reader"),
+    [("ddp", "3", "fsdp"), ("fsdp", "3", "none"), ("none", "7", "fsdp")],
+)
+def test_a_checkpoint_resumes_at_another_world_size_or_parallel_mode_on_either_side_of_the_expansion(
+    tmp_path, reference, writer, stop_at, reader
+):
+    out = str(tmp_path / "run")
+    launch = single if writer == "none" else torchrun
+    stopped = launch(*RUN, "--train.parallel", writer, "--out", out, "--stop-at", stop_at)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    checkpoint = load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)
+    # several processes write shards, every rank its own; one process the single file
+    assert ("shards" in checkpoint) == (writer != "none") and ("model" in checkpoint) == (writer == "none")
+    if writer != "none":
+        assert sorted(p.name for p in (tmp_path / "run" / checkpoint["shards"]).iterdir()) == [
+            ".metadata", "__0_0.distcp", "__1_0.distcp"
+        ]  # fmt: skip
+    resumed = (single if reader == "none" else torchrun)("--resume", out, "--train.parallel", reader)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_losses(tmp_path / "run", reference)
+
+
+KILL_IN_SAVE = """
+import os, sys
+from torch.distributed.checkpoint.filesystem import FileSystemWriter
+write_data = FileSystemWriter.write_data
+def killed_in_the_second_save(self, plan, planner):
+    if os.environ["RANK"] == "1" and str(self.path).endswith("step-00000006"):
+        os._exit(9)  # as a kill -9 of one rank half-way through the save: rank 0 has written its shard
+    return write_data(self, plan, planner)
+FileSystemWriter.write_data = killed_in_the_second_save
+from depthgrow.cli import main
+sys.exit(main())
+"""
+
+
+def test_a_kill_during_a_sharded_save_leaves_the_previous_checkpoint_to_resume_from(tmp_path, reference):
+    run = tmp_path / "run"
+    killed = torchrun_script(tmp_path, KILL_IN_SAVE, "train", *RUN, "--train.parallel", "fsdp", "--out", str(run))
+    assert killed.returncode != 0
+    assert load_checkpoint(run / CHECKPOINT_NAME)["train_state"]["step"] == 3
+    assert shard_folder(run) == "checkpoint-shards/step-00000003"
+    assert (run / "checkpoint-shards" / "step-00000006").is_dir()  # what the killed save left
+    resumed = single("--resume", str(run), "--train.parallel", "none")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_losses(run, reference)
+    assert not (run / "checkpoint-shards").exists()  # one process writes one file; the shards are stale
+
+
+def test_an_asynchronous_sharded_save_resumes_exactly(tmp_path, reference):
+    out = str(tmp_path / "run")
+    asynchronous = ["--train.parallel", "fsdp", "--train.async_checkpoint", "true"]
+    stopped = torchrun(*RUN, *asynchronous, "--out", out, "--stop-at", "7")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)["train_state"]["step"] == 7
+    resumed = torchrun("--resume", out, *asynchronous)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_losses(tmp_path / "run", reference)
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory):
+    """An FSDP run stopped after its expansion, with a sharded checkpoint of step 7."""
+    run = tmp_path_factory.mktemp("sharded") / "run"
+    done = torchrun(*RUN, "--train.parallel", "fsdp", "--out", str(run), "--stop-at", "7")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run
+
+
+def test_export_and_generate_read_a_sharded_checkpoint(tmp_path, sharded_run):
+    from depthgrow.sampling import load_run
+
+    loaded = load_run(sharded_run)
+    assert loaded.step == 7 and loaded.model_config.n_layer == 2
+    exported = main(["export", str(sharded_run), str(tmp_path / "hf")])
+    assert exported == 0
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    ours = loaded.model.state_dict()
+    assert torch.equal(weights["transformer.h.1.mlp.c_fc.weight"], ours["transformer.h.1.mlp.c_fc.weight"].T)
+
+
+def worker_traceback(stderr: str) -> bool:
+    """Whether a depthgrow process printed a traceback (torchrun prints one of its own when a worker fails)."""
+    return stderr.count("Traceback") > ("ChildFailedError" in stderr)
+
+
+def copy_run(source, destination):
+    shutil.copytree(source, destination)
+    return destination
+
+
+def test_a_half_written_shard_folder_is_refused_in_one_line_on_every_rank(tmp_path, sharded_run):
+    run = copy_run(sharded_run, tmp_path / "run")
+    (run / shard_folder(run) / ".metadata").unlink()
+    for launch in (single, torchrun):
+        done = launch("--resume", str(run), "--train.parallel", "none" if launch is single else "fsdp")
+        assert done.returncode == (2 if launch is single else 1), done.stderr[-3000:]  # torchrun's own status
+        assert "are missing or half written (no .metadata)" in done.stderr
+        assert not worker_traceback(done.stderr)
+
+
+def test_shards_of_another_model_are_refused_in_one_line(tmp_path, sharded_run):
+    other = tmp_path / "other"
+    done = torchrun(*RUN, "--model.n_embd", "16", "--train.parallel", "fsdp", "--out", str(other), "--stop-at", "7")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = copy_run(sharded_run, tmp_path / "run")
+    shutil.rmtree(run / shard_folder(run))
+    shutil.copytree(other / shard_folder(other), run / shard_folder(run))
+    done = torchrun("--resume", str(run), "--train.parallel", "fsdp")
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "do not fit this run's model" in done.stderr and not worker_traceback(done.stderr)
+
+
+FAIL_ON_RANK_1_AFTER_GROWTH = """
+import importlib, os, sys
+trainer = importlib.import_module("depthgrow.trainer").Trainer
+train_step = trainer.train_step
+def failing(self, stop):
+    if os.environ["RANK"] == "1" and self.state.step == 6:
+        raise RuntimeError("rank 1 failed in step 7")
+    return train_step(self, stop)
+trainer.train_step = failing
+from depthgrow.cli import main
+sys.exit(main())
+"""
+
+
+def test_a_rank_failing_in_a_step_ends_the_run_instead_of_hanging(tmp_path):
+    # rank 0 is left in the step's all-reduce, waiting for rank 1: torchrun must stop it
+    done = torchrun_script(
+        tmp_path, FAIL_ON_RANK_1_AFTER_GROWTH, "train", *RUN, "--train.parallel", "fsdp", "--out", str(tmp_path / "r"),
+        timeout=90,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "rank 1 failed in step 7" in done.stderr
+    assert load_checkpoint(tmp_path / "r" / CHECKPOINT_NAME)["train_state"]["step"] == 6  # the last whole one
+
+
+def test_compare_under_torchrun_trains_every_run_on_both_processes_and_reports_once(tmp_path):
+    args = ["--model", "gpt2-test", "--train.steps", "12", "--train.batch_size", "8", "--train.eval_every", "4",
+            "--train.eval_batches", "2", "--growth.at", "5", "--sources", "0"]  # fmt: skip
+    done = torchrun(*args, "--train.parallel", "fsdp", "--out", str(tmp_path / "fsdp"), command="compare")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("summary: ") == 1  # rank 0 reports
+    reference = single(*args, "--out", str(tmp_path / "single"), command="compare")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    got, expected = (json.loads((tmp_path / name / "summary.json").read_text())["runs"] for name in ("fsdp", "single"))
+    assert [row["name"] for row in got] == [row["name"] for row in expected]
+    for row, same in zip(got, expected, strict=True):
+        assert row["final_val_loss"] == pytest.approx(same["final_val_loss"], rel=RTOL), row["name"]
+        growth = [r for r in read_log(tmp_path / "fsdp" / row["name"] / "log.jsonl") if r["event"] == "growth"]
+        assert len(growth) == (row["name"] != "fixed" and not row["name"].startswith("fixed-"))

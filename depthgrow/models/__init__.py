@@ -30,11 +30,16 @@ def _declared_families() -> dict[str, Family]:
 FAMILIES: dict[str, Family] = _declared_families()
 
 
+def skeleton(config: ModelConfig) -> GrowableModel:
+    """The model on the meta device: its structure, no memory and no values."""
+    with torch.device("meta"):
+        return FAMILIES[config.family].model(config)
+
+
 def build_model(config: ModelConfig, *, seed: int, device: str | torch.device = "cpu") -> GrowableModel:
     """Build on the meta device (no memory for weights that are overwritten anyway), allocate on
     ``device``, then initialise every parameter with ``init_weights(seed)``."""
-    with torch.device("meta"):
-        model = FAMILIES[config.family].model(config)
+    model = skeleton(config)
     model.to_empty(device=device)
     model.init_weights(seed)
     return model
@@ -54,4 +59,5 @@ __all__ = [
     "ResNet",
     "ResNetConfig",
     "build_model",
+    "skeleton",
 ]
