@@ -100,6 +100,12 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
             raise DepthgrowError(f"no run to resume in {run_dir}: it has no {CONFIG_NAME}")
         if args.config is None:
             args.config = str(run_dir / CONFIG_NAME)
+        elsewhere = args.out or overrides.get("train.out_dir")
+        if elsewhere is not None and Path(elsewhere).resolve() != run_dir.resolve():
+            raise DepthgrowError(
+                f"--resume {args.resume} continues the run in {run_dir}, and {elsewhere} is another folder: "
+                "a run resumes where it was written, so drop --out (copy the folder first to branch it)"
+            )
         overrides = {**overrides, "train.out_dir": str(run_dir)}
     overrides, auto = _auto_at(overrides)
     config = _config(args, overrides)

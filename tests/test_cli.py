@@ -136,6 +136,11 @@ def test_unreadable_config_and_foreign_checkpoint_get_one_line(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "belongs to another config" in err and "train.batch_size (4 in the checkpoint, 8 now)" in err
     assert "a resume may change only optim.beta1" in err and err.count("\n") == 1
+    for elsewhere in (["--out", str(tmp_path / "other")], [f"--train.out_dir={tmp_path / 'other'}"]):
+        assert main(["train", "--resume", str(run), *elsewhere]) == 2
+        err = capsys.readouterr().err
+        assert f"continues the run in {run}, and {tmp_path / 'other'} is another folder" in err
+        assert err.count("\n") == 1 and not (tmp_path / "other").exists()
     (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
     assert main(["train", "--resume", str(run)]) == 2
     err = capsys.readouterr().err
