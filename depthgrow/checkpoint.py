@@ -32,14 +32,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from depthgrow.distributed import full_model_state, load_optimizer_state_by_name, optimizer_state_by_name, plain_module
+from depthgrow.distributed import load_optimizer_state_by_name, optimizer_state_by_name, plain_module
 from depthgrow.errors import DepthgrowError, OutputWriteError, os_error_in
 from depthgrow.optim import OptimizerChain
 
 CHECKPOINT_NAME = "checkpoint.pt"
 SHARDS_DIR = "checkpoint-shards"  # beside checkpoint.pt: one folder of shards per checkpoint of several processes
 ZIP_MAGIC = b"PK\x03\x04"  # how every torch.save archive starts
-FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name, unsharded
+FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name (in the file, or in the shards it names)
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
@@ -53,11 +53,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        _sync_folder(path.parent)
     except (OSError, RuntimeError) as error:
         cause = os_error_in(error)
         if cause is None:
@@ -66,6 +62,15 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
             temporary.unlink(missing_ok=True)
         note = "the previous checkpoint (if any) is left whole and the run stopped; free space and resume"
         raise OutputWriteError.of(path, cause, needed_bytes=_tensor_bytes(payload), note=note) from None
+
+
+def _sync_folder(path: Path) -> None:
+    """Make the entries of folder ``path`` durable (its files' contents are synced by whoever wrote them)."""
+    directory = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _tensor_bytes(value: Any) -> int:
@@ -106,11 +111,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def training_state(model: nn.Module, optimizer: OptimizerChain) -> dict[str, Any]:
-    """Model and optimizer state, unsharded, on the CPU and keyed by parameter name: the same for a plain,
-    a DDP, a compiled or an FSDP2-sharded model (every rank takes part in the gather), so a checkpoint
-    written by N processes resumes on M. Parameters without optimizer state (none before the first
-    step) are absent and start fresh on resume, as they would have."""
-    weights = {name: value.cpu() for name, value in full_model_state(model).items()}
+    """Model and optimizer state of a single process (plain, compiled or DDP: unsharded), on the CPU and
+    keyed by parameter name, so that it loads into a model of any parallel mode and world size
+    (:func:`restore_training_state`). Parameters without optimizer state (none before the first step) are
+    absent and start fresh on resume, as they would have. Several processes write shards instead."""
+    weights = {name: value.cpu() for name, value in plain_module(model).state_dict().items()}
     states = {
         name: {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in state.items()}
         for name, state in optimizer_state_by_name(model, optimizer).items()
@@ -131,7 +136,7 @@ def model_weights(checkpoint: dict[str, Any], path: str | Path) -> dict[str, tor
         return checkpoint["model"]
     folder = Path(path).parent / checkpoint["shards"]
     model = {name: _empty(meta) for name, meta in _stored(folder, "model").items()}
-    read_shards(folder, {"model": model})
+    read_shards(folder, {"model": model}, collective=False)
     return model
 
 
@@ -157,9 +162,10 @@ def optimizer_template(folder: Path, params: dict[str, torch.Tensor]) -> dict[st
     return template
 
 
-def read_shards(folder: Path, state: dict[str, Any]) -> None:
+def read_shards(folder: Path, state: dict[str, Any], *, collective: bool = True) -> None:
     """Fill the tensors of ``state`` (placed as this process holds them) from the shards in ``folder``,
-    whatever world size wrote them."""
+    whatever world size wrote them: every rank of the process group together, or (``collective=False``)
+    this process alone, as one that only reads a run does (export, generate)."""
     if not (folder / ".metadata").is_file():
         raise DepthgrowError(
             f"checkpoint shards {folder} are missing or half written (no .metadata): the checkpoint.pt that names "
@@ -168,7 +174,7 @@ def read_shards(folder: Path, state: dict[str, Any]) -> None:
     try:
         with warnings.catch_warnings():  # reading in one process is what is meant (export, a resume on one)
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+            dcp.load(state, checkpoint_id=folder, no_dist=not (collective and dist.is_initialized()))
     except (Exception, CheckpointException) as error:  # every rank's failure, wrapped (a BaseException)
         raise DepthgrowError(
             f"checkpoint shards in {folder} do not fit this run's model: {_first_line(error)}"
@@ -215,6 +221,8 @@ class ShardedCheckpoints:
         (everything else, rank 0's) into ``checkpoint.pt``. Every rank calls this."""
         self.wait()
         folder = f"{SHARDS_DIR}/step-{step:08d}"
+        if folder == self.committed:  # a second save of one step: never written over the folder in use
+            folder += "-again"
         if self.is_main:  # what a save that never counted (killed, failed) left behind
             for stale in sorted((self.out_dir / SHARDS_DIR).glob("step-*")):
                 if stale.relative_to(self.out_dir).as_posix() != self.committed:
@@ -251,12 +259,23 @@ class ShardedCheckpoints:
             raise self._write_error(folder, error) from None
         self._commit(folder, rest)
 
+    def close(self) -> None:
+        """Let the asynchronous writer's process group go (compare and experiment train many runs in one
+        process group), unless a write still uses it (a run that failed: the previous checkpoint counts)."""
+        if self.group is not None and self.pending is None:
+            dist.destroy_process_group(self.group)
+            self.group = None
+
     def _commit(self, folder: str, rest: dict[str, Any]) -> None:
-        previous, self.committed = self.committed, folder
-        if not self.is_main:
-            return
-        save_checkpoint(self.out_dir / CHECKPOINT_NAME, {**rest, "shards": folder})
-        if previous is not None and previous != folder:
+        previous = self.committed
+        if self.is_main:
+            try:  # its entries must last as long as the checkpoint.pt that names it
+                _sync_folder(self.out_dir / folder)
+            except OSError as error:
+                raise self._write_error(folder, error) from None
+            save_checkpoint(self.out_dir / CHECKPOINT_NAME, {**rest, "shards": folder})
+        self.committed = folder  # only now: a failed write leaves the previous folder named, and kept
+        if self.is_main and previous is not None:
             shutil.rmtree(self.out_dir / previous, ignore_errors=True)
 
     def _write_error(self, folder: str, error: BaseException) -> DepthgrowError:

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from depthgrow.errors import DepthgrowError
 from depthgrow.growth import ZEROED_INITS, carry_lr_multiplier, clone_state, grow, slot_sources, source_names
-from depthgrow.models import GrowableModel, skeleton
+from depthgrow.models import GrowableModel, ModelConfig, build_model, skeleton
 from depthgrow.optim import OptimizerChain, build_optimizer, check_coverage
 
 
@@ -145,6 +145,48 @@ def _rank_device(device_name: str, local_rank: int) -> str:
     return f"cuda:{local_rank}"
 
 
+def build_wrapped(
+    config: ModelConfig, world: World, *, seed: int, device: torch.device | str, compile_model: bool
+) -> nn.Module:
+    """The model the training step runs, drawn as :func:`~depthgrow.models.build_model` draws it: under
+    FSDP2 built on the meta device, sharded, then drawn a block at a time (:func:`draw_in_pieces`), so that
+    no rank holds the whole model; otherwise built whole, then wrapped (:func:`wrap`)."""
+    if world.parallel != "fsdp":
+        return wrap(build_model(config, seed=seed, device=device), world, compile_model=compile_model)
+    model = skeleton(config)
+    shard(model)
+    model.to_empty(device=device)
+    draw_in_pieces(model, seed)
+    return _compiled(model, compile_model)
+
+
+@torch.no_grad()
+def draw_in_pieces(model: GrowableModel, seed: int) -> None:
+    """Give an allocated (possibly sharded) model the values ``build_model`` draws, one piece drawn whole at a
+    time and each rank keeping its shard of it: first all that lies outside the blocks (embeddings, head,
+    norms: drawn from a stream of their own, the same at every depth, so a zero-layer model's), then each
+    block from its slot's generator."""
+    like = next(iter(model.parameters()))
+    outside = build_model(model.config.with_depth(0), seed=seed, device=_local(like).device)
+    held = dict([*model.named_parameters(), *model.named_buffers()])
+    for name, value in [*outside.named_parameters(), *outside.named_buffers()]:
+        _local(held[name]).copy_(_shard_of(value, held[name]))
+    del outside
+    for prefix, stack in model.block_stacks().items():
+        for index in range(len(stack)):
+            _draw_block(model, prefix, index, seed)
+
+
+def _draw_block(model: GrowableModel, prefix: str, index: int, seed: int) -> None:
+    """Draw block ``index`` of ``prefix`` whole, as a single process would, and keep this rank's shard."""
+    full = model.make_block(prefix)
+    model.init_block(prefix, index, full, seed)
+    block = model.block_stacks()[prefix][index]
+    held = dict([*block.named_parameters(), *block.named_buffers()])
+    for name, value in [*full.named_parameters(), *full.named_buffers()]:
+        _local(held[name]).copy_(_shard_of(value, held[name]))
+
+
 def wrap(model: nn.Module, world: World, *, compile_model: bool) -> nn.Module:
     """The model as the training step runs it: DDP, or FSDP2 (:func:`shard`), then compiled if asked."""
     if world.parallel == "ddp":
@@ -218,11 +260,7 @@ def grow_sharded(
     sharded the same way (same shape, same mesh); a fresh block is drawn whole, one block at a time, exactly
     as a single process draws it (per-slot generators), and each rank keeps its shard of it. The optimizer
     is built once, over the new shards; surviving parameters keep their (sharded) state by name."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():  # the root stays unsharded after a forward without a backward (evaluation)
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    resharded(model)
     mesh = next(model.parameters()).device_mesh
     device = next(model.parameters()).to_local().device
     target = skeleton(model.config.with_depth(target_depth))
@@ -240,12 +278,7 @@ def grow_sharded(
         stack = target.block_stacks()[prefix]
         for index, source in enumerate(slots):
             if source is None:  # a fresh block: drawn whole, kept as this rank's shard
-                full = target.make_block(prefix)
-                target.init_block(prefix, index, full, seed)
-                sharded = dict([*stack[index].named_parameters(), *stack[index].named_buffers()])
-                for name, value in [*full.named_parameters(), *full.named_buffers()]:
-                    _local(sharded[name]).copy_(_shard_of(value, sharded[name]))
-                del full
+                _draw_block(target, prefix, index, seed)
             if init in ZEROED_INITS and (source is None or slots.index(source) != index):
                 for module in target.residual_projections(stack[index]):
                     for p in module.parameters():
@@ -253,8 +286,7 @@ def grow_sharded(
 
     grown = build_optimizer(target, optimizer.config)
     carry_lr_multiplier(optimizer, grown)
-    old_names = {id(p): name for name, p in model.named_parameters()}
-    old_state = {old_names[id(p)]: state for opt in optimizer.optimizers for p, state in opt.state.items()}
+    old_state = optimizer_state_by_name(model, optimizer)
     names = {id(p): name for name, p in target.named_parameters()}
     for opt in grown.optimizers:
         for group in opt.param_groups:
@@ -268,6 +300,18 @@ def grow_sharded(
                     opt.state[p] = clone_state(old_state[origin.name])
     check_coverage(target, grown)
     return target, grown
+
+
+def resharded(model: nn.Module) -> nn.Module:
+    """``model`` with every FSDP2 unit holding its shards as its parameters: after a forward without a
+    backward (an evaluation) the root keeps the gathered ones until the next forward, and parameters are
+    known by identity (optimizer state, growth). A model that is not sharded is left as it is."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return model
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -287,10 +331,6 @@ def plain_module(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _full(value: Any) -> Any:
-    return value.full_tensor() if isinstance(value, DTensor) else value
-
-
 def _like(key: str, value: Any, param: torch.Tensor, group: dict[str, Any]) -> Any:
     """Optimizer state ``value`` (a full tensor, or a scalar such as a step count) placed as ``param`` is,
     with torch's own rule for step counts: on the CPU unless the group is fused or capturable."""
@@ -304,21 +344,11 @@ def _like(key: str, value: Any, param: torch.Tensor, group: dict[str, Any]) -> A
     return value.to(param.device)
 
 
-def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and buffers by name, unsharded (under FSDP2 every rank takes part in the gather)."""
-    return {name: _full(value) for name, value in plain_module(model).state_dict().items()}
-
-
-def optimizer_state_by_name(
-    model: nn.Module, optimizer: OptimizerChain, *, full: bool = True
-) -> dict[str, dict[str, Any]]:
-    """Every parameter's optimizer state, keyed by parameter name: unsharded, or as held (``full=False``)."""
-    names = {id(p): name for name, p in plain_module(model).named_parameters()}
-    return {
-        names[id(p)]: {key: _full(value) if full else value for key, value in state.items()}
-        for opt in optimizer.optimizers
-        for p, state in opt.state.items()
-    }
+def optimizer_state_by_name(model: nn.Module, optimizer: OptimizerChain) -> dict[str, dict[str, Any]]:
+    """Every parameter's optimizer state, keyed by parameter name, as this process holds it (sharded under
+    FSDP2: :class:`~depthgrow.checkpoint.ShardedCheckpoints` writes it so)."""
+    names = {id(p): name for name, p in plain_module(resharded(model)).named_parameters()}
+    return {names[id(p)]: dict(state) for opt in optimizer.optimizers for p, state in opt.state.items()}
 
 
 def load_optimizer_state_by_name(model: nn.Module, optimizer: OptimizerChain, states: dict[str, dict]) -> None:

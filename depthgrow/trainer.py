@@ -64,12 +64,13 @@ from depthgrow.config import (
 from depthgrow.data import Batches, make_batches
 from depthgrow.distributed import (
     World,
+    build_wrapped,
     grow_wrapped,
     load_optimizer_state_by_name,
     optimizer_state_by_name,
     plain_module,
+    resharded,
     world,
-    wrap,
 )
 from depthgrow.errors import DepthgrowError, Diverged, OutputWriteError
 from depthgrow.flops import DEPTHGROW, peak_tflops
@@ -77,7 +78,6 @@ from depthgrow.guard import DivergenceGuard
 from depthgrow.masking import ResidualRamp, updated_ramp
 from depthgrow.memory import peak_memory
 from depthgrow.metrics import LOG_NAME, JsonlLog, Progress
-from depthgrow.models import build_model
 from depthgrow.optim import OptimizerChain, build_optimizer
 from depthgrow.schedule import GrowthPlan, extension_problem
 from depthgrow.trackers import Trackers
@@ -322,8 +322,13 @@ class Trainer:
         torch.manual_seed(config.train.seed)
         depth = checkpoint["train_state"]["depth"] if checkpoint else self.plan.initial_depth
         self.state = TrainState(depth=depth)
-        plain = build_model(config.model.with_depth(depth), seed=config.train.seed, device=device)
-        self.model = wrap(plain, world, compile_model=config.train.compile)
+        self.model = build_wrapped(
+            config.model.with_depth(depth),
+            world,
+            seed=config.train.seed,
+            device=device,
+            compile_model=config.train.compile,
+        )
         self.optimizer: OptimizerChain = build_optimizer(plain_module(self.model), config.optim)
         self.guard = DivergenceGuard(config.train.diverge_factor)
         peak = peak_tflops(device, config.train.peak_tflops, config.train.precision)
@@ -354,11 +359,11 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs (the log flushed first, so that its length is the log's)."""
         rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":  # this rank's device only: a resume may see fewer GPUs per process
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
-            "model": plain_module(self.model).state_dict(),
-            "optimizer": optimizer_state_by_name(self.model, self.optimizer, full=False),
+            "model": resharded(plain_module(self.model)).state_dict(),
+            "optimizer": optimizer_state_by_name(self.model, self.optimizer),
             "config": self.config.to_dict(),
             "train_state": self.state.state_dict(),
             "divergence_guard": self.guard.state_dict(),
@@ -383,8 +388,9 @@ class Trainer:
             restore_training_state(plain_module(self.model), self.optimizer, state)
         self.guard.load_state_dict(state.get("divergence_guard", {}))
         torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        cuda_rng = state["rng"].get("cuda")
+        if isinstance(cuda_rng, torch.Tensor) and self.device.type == "cuda":  # older checkpoints: a list
+            torch.cuda.set_rng_state(cuda_rng, self.device)
         self.log_offset = state["log_offset"]
 
     def _with_shards(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -643,6 +649,8 @@ class Trainer:
             finally:
                 progress.close()
                 self.close_outputs()
+                if self.shards is not None:
+                    self.shards.close()
                 if quiet is not None:
                     quiet.close()
 

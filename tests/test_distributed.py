@@ -248,6 +248,50 @@ def test_growth_under_fsdp_never_holds_the_full_target_model_on_a_rank(tmp_path,
     assert memory["ddp"] > 1.5 * target_bytes, (memory, target_bytes)
 
 
+BUILD = """
+import dataclasses, json, sys
+import torch
+from depthgrow import load_config
+from depthgrow.distributed import build_wrapped, world
+from depthgrow.memory import peak_memory
+from depthgrow.models import build_model
+config = load_config(None, dict(arg.split("=", 1) for arg in sys.argv[1:])).model
+cpu = torch.device("cpu")
+with world("fsdp", "cpu", 2) as (ranks, _):
+    peaks = {}
+    build_wrapped(config.with_depth(0), ranks, seed=3, device=cpu, compile_model=False)  # FSDP's first use: 40 MB
+    for parallel in ("fsdp", "ddp"):
+        with peak_memory(cpu) as memory:
+            model = build_wrapped(config, dataclasses.replace(ranks, parallel=parallel), seed=3, device=cpu,
+                                  compile_model=False)
+        gathered = [None, None]
+        torch.distributed.all_gather_object(gathered, memory.bytes)
+        peaks[parallel] = max(gathered)
+        if parallel == "fsdp":
+            held = {name: value.full_tensor() for name, value in model.state_dict().items()}
+        del model
+    whole = build_model(config, seed=3).state_dict()
+    if ranks.is_main:
+        same = held.keys() == whole.keys() and all(torch.equal(held[n], v) for n, v in whole.items())
+        print(json.dumps({**peaks, "same": same}))
+"""
+
+
+def test_an_fsdp_model_is_built_shard_by_shard_with_the_values_one_process_draws(tmp_path, monkeypatch):
+    # a run that starts at full depth (a fixed-depth baseline) or resumes a grown run builds its model at
+    # that depth: under FSDP2 no rank may hold it whole, and every value must be build_model's
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # see the growth test above
+    wide = {"model.preset": "gpt2-test", "model.n_embd": "512", "model.n_head": "8", "model.n_layer": "8"}
+    target_bytes = load_config(None, wide).model.num_params() * 4
+    done = torchrun_script(tmp_path, BUILD, *(f"{key}={value}" for key, value in wide.items()))
+    assert done.returncode == 0, done.stderr[-3000:]
+    built = json.loads(done.stdout.strip().splitlines()[-1])
+    assert built["same"]
+    # each rank: its half and one block drawn whole at a time; DDP's ranks hold the whole model
+    assert built["fsdp"] < 0.75 * target_bytes, (built, target_bytes)
+    assert built["ddp"] > 0.95 * target_bytes, (built, target_bytes)
+
+
 def shard_folder(run_dir) -> str:
     return load_checkpoint(run_dir / CHECKPOINT_NAME)["shards"]
 
@@ -407,3 +451,26 @@ def test_compare_under_torchrun_trains_every_run_on_both_processes_and_reports_o
         assert row["final_val_loss"] == pytest.approx(same["final_val_loss"], rel=RTOL), row["name"]
         growth = [r for r in read_log(tmp_path / "fsdp" / row["name"] / "log.jsonl") if r["event"] == "growth"]
         assert len(growth) == (row["name"] != "fixed" and not row["name"].startswith("fixed-"))
+
+
+def test_a_checkpoint_pt_that_could_not_be_written_keeps_the_shards_it_still_names(tmp_path, monkeypatch):
+    # rank 0 names the new shards in checkpoint.pt; if that write fails, the old checkpoint.pt still names the
+    # previous folder, which must then survive this save and the cleanup of the next one
+    import depthgrow.checkpoint as checkpoint_module
+
+    previous, new = "checkpoint-shards/step-00000003", "checkpoint-shards/step-00000006"
+    for folder in (previous, new):
+        (tmp_path / folder).mkdir(parents=True)
+    shards = checkpoint_module.ShardedCheckpoints(tmp_path, is_main=True, asynchronous=False, committed=previous)
+
+    def disk_full(path, payload):
+        raise checkpoint_module.OutputWriteError(f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", disk_full)
+    with pytest.raises(DepthgrowError, match="No space left"):
+        shards._commit(new, {})
+    assert shards.committed == previous and (tmp_path / previous).is_dir()
+    monkeypatch.undo()
+    shards._commit(new, {"train_state": {"step": 6}})
+    assert shards.committed == new and not (tmp_path / previous).exists()
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["shards"] == new

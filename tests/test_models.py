@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -6,6 +7,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from depthgrow import GPT2Config, build_model, preset
+from depthgrow.distributed import draw_in_pieces
+from depthgrow.models import FAMILIES, skeleton
 from depthgrow.trainer import loss_fn
 
 CONFIGS = [
@@ -94,3 +97,20 @@ def test_context_longer_than_block_size_is_refused():
     model = build_model(CONFIGS[0], seed=0)
     with pytest.raises(ValueError, match="context length"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_model_drawn_a_piece_at_a_time_equals_one_drawn_whole(family):
+    # FSDP2 builds a model on the meta device and draws it a piece at a time (each rank keeping its shards);
+    # every value must be the one build_model draws, at several depths, the spectral init included
+    for depth in (0, 3):
+        for weight_init in ("standard", "spectral"):
+            config = dataclasses.replace(preset(f"{family}-test"), weight_init=weight_init).with_depth(depth)
+            whole = build_model(config, seed=5)
+            pieces = skeleton(config)
+            pieces.to_empty(device="cpu")
+            draw_in_pieces(pieces, seed=5)
+            drawn, expected = pieces.state_dict(), whole.state_dict()
+            assert drawn.keys() == expected.keys()
+            for name, value in expected.items():
+                assert torch.equal(drawn[name], value), (family, depth, weight_init, name)
