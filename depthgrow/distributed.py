@@ -24,7 +24,14 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from depthgrow.errors import DepthgrowError
-from depthgrow.growth import ZEROED_INITS, carry_lr_multiplier, clone_state, grow, slot_sources, source_names
+from depthgrow.growth import (
+    ZEROED_INITS,
+    carry_lr_multiplier,
+    carry_optimizer_state,
+    grow,
+    slot_sources,
+    source_names,
+)
 from depthgrow.models import GrowableModel, ModelConfig, build_model, skeleton
 from depthgrow.optim import OptimizerChain, build_optimizer, check_coverage
 
@@ -287,17 +294,7 @@ def grow_sharded(
     grown = build_optimizer(target, optimizer.config)
     carry_lr_multiplier(optimizer, grown)
     old_state = optimizer_state_by_name(model, optimizer)
-    names = {id(p): name for name, p in target.named_parameters()}
-    for opt in grown.optimizers:
-        for group in opt.param_groups:
-            for p in group["params"]:
-                origin = sources[names[id(p)]]
-                if origin is None or origin.name not in old_state:
-                    continue
-                if not origin.copied:
-                    opt.state[p] = old_state[origin.name]
-                elif copy_optimizer_state:
-                    opt.state[p] = clone_state(old_state[origin.name])
+    carry_optimizer_state(grown, target, sources, old_state, copy_optimizer_state=copy_optimizer_state)
     check_coverage(target, grown)
     return target, grown
 

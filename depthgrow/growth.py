@@ -212,34 +212,31 @@ def grow(
     old_names = {id(p): name for name, p in model.named_parameters()}
     fully_covered = _covers(model, optimizer)
     old_state = _state_by_name(old_names, as_optimizer_list(optimizer))
-    copied_from: dict[str, str] = {}  # new parameter name -> the old name it is a copy of
 
+    plans = {prefix: slot_sources(init, len(stack), target_depth) for prefix, stack in model.block_stacks().items()}
     model.config = model.config.with_depth(target_depth)
     for prefix, stack in model.block_stacks().items():
-        sources = slot_sources(init, len(stack), target_depth)
+        sources = plans[prefix]
         added = set(new_slots(sources))
         blocks: list[nn.Module] = []
-        kept: set[int] = set()
         for index, source in enumerate(sources):
             if source is None:
                 block = model.make_block(prefix).train(model.training)
                 model.init_block(prefix, index, block, seed)
-            elif source not in kept:
-                block = stack[source]
-                kept.add(source)
-            else:
+            elif index in added:
                 block = copy.deepcopy(stack[source])
-                for suffix, _ in block.named_parameters():
-                    copied_from[f"{prefix}.{index}.{suffix}"] = f"{prefix}.{source}.{suffix}"
+            else:
+                block = stack[source]
             if init in ZEROED_INITS and index in added:
                 _zero_(model.residual_projections(block))
             blocks.append(block)
         parent_name, _, attribute = prefix.rpartition(".")
         setattr(model.get_submodule(parent_name), attribute, nn.ModuleList(blocks))
 
-    new_names = {name: p for name, p in model.named_parameters()}
-    renamed = {name: old_names[id(p)] for name, p in new_names.items() if id(p) in old_names}
-    added = [name for name in new_names if name not in renamed]
+    origins = source_names(plans, [name for name, _ in model.named_parameters()])
+    renamed = {name: origin.name for name, origin in origins.items() if origin and not origin.copied}
+    copied_from = {name: origin.name for name, origin in origins.items() if origin and origin.copied}
+    added = [name for name in origins if name not in renamed]
 
     if make_optimizer is not None:
         new_optimizer = make_optimizer(model)
@@ -251,15 +248,7 @@ def grow(
     else:
         new_optimizer = _rebuild_like(optimizer, model, old_names, renamed, copied_from)
 
-    name_of = {id(p): name for name, p in new_names.items()}
-    for opt in as_optimizer_list(new_optimizer):
-        for group in opt.param_groups:
-            for p in group["params"]:
-                name = name_of[id(p)]
-                if name in renamed and renamed[name] in old_state:
-                    opt.state[p] = old_state[renamed[name]]
-                elif copy_optimizer_state and copied_from.get(name) in old_state:
-                    opt.state[p] = clone_state(old_state[copied_from[name]])
+    carry_optimizer_state(new_optimizer, model, origins, old_state, copy_optimizer_state=copy_optimizer_state)
     if fully_covered:
         check_coverage(model, new_optimizer)
     return Grown(model, new_optimizer, added)
@@ -282,6 +271,30 @@ def _zero_(modules: Iterable[nn.Module]) -> None:
     for module in modules:
         for p in module.parameters():
             p.zero_()
+
+
+def carry_optimizer_state(
+    optimizer: OptimizerLike,
+    model: nn.Module,
+    origins: dict[str, Origin | None],
+    old_state: dict[str, dict[str, Any]],
+    *,
+    copy_optimizer_state: bool,
+) -> None:
+    """Give each parameter of the grown ``model`` in ``optimizer`` the state of its origin (``old_state``:
+    by parameter name before growth): a surviving parameter its own, a copy of a block's parameter a copy
+    of it if ``copy_optimizer_state``, a fresh one none."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    for opt in as_optimizer_list(optimizer):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                origin = origins.get(names[id(p)])
+                if origin is None or origin.name not in old_state:
+                    continue
+                if not origin.copied:
+                    opt.state[p] = old_state[origin.name]
+                elif copy_optimizer_state:
+                    opt.state[p] = clone_state(old_state[origin.name])
 
 
 def clone_state(state: dict[str, Any]) -> dict[str, Any]:
