@@ -42,7 +42,13 @@ def _reset_resident_peak() -> bool:
 @contextmanager
 def peak_memory(device: torch.device) -> Iterator[Measured]:
     """Measure the peak memory of the with-block above what this process held at its start (on ``device``:
-    CUDA memory on a GPU, resident host memory on the CPU). Resets the process's peak counter."""
+    CUDA memory on a GPU, resident host memory on the CPU).
+
+    The counters are the process's: this resets CUDA's peak statistics or the kernel's VmHWM (and with it
+    ``ru_maxrss``), so a measurement around this one, or one of the caller's own, loses its peak. On the
+    CPU the figure counts every thread of the process (an asynchronous checkpoint's writer included) and
+    freed memory the allocator keeps resident (glibc keeps large freed blocks unless
+    ``MALLOC_MMAP_THRESHOLD_`` is fixed)."""
     measured = Measured()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
