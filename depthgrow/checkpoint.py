@@ -129,7 +129,26 @@ def restore_training_state(model: nn.Module, optimizer: OptimizerChain, payload:
     load_optimizer_state_by_name(model, optimizer, payload["optimizer"])
 
 
-def model_weights(checkpoint: dict[str, Any], path: str | Path) -> dict[str, torch.Tensor]:
+READ_ATTEMPTS = 3  # reads of a run that keeps replacing its sharded checkpoint (see model_checkpoint)
+
+
+def model_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint at ``path`` with its full (unsharded) model state under "model" and no optimizer
+    state: what export and generate read. A run still training on several processes may name newer shards
+    and remove the ones being read: the read then starts again from the newer checkpoint."""
+    for attempt in range(READ_ATTEMPTS):
+        checkpoint = load_checkpoint(path)
+        checkpoint.pop("optimizer", None)  # often twice the model's size, and not needed
+        try:
+            return {**checkpoint, "model": _model_weights(checkpoint, path)}
+        except DepthgrowError:
+            moved_on = load_checkpoint(path).get("shards") != checkpoint.get("shards")
+            if not moved_on or attempt == READ_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _model_weights(checkpoint: dict[str, Any], path: str | Path) -> dict[str, torch.Tensor]:
     """The full (unsharded) model state of a checkpoint read from ``path``, whether it holds them or names
     shards beside it."""
     if "model" in checkpoint:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from depthgrow.bpe import END_OF_TEXT, TOKENIZER_NAME, load_bpe
-from depthgrow.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_weights
+from depthgrow.checkpoint import CHECKPOINT_NAME, model_checkpoint
 from depthgrow.config import RunConfig
 from depthgrow.data import GPT2_BPE_ENV, VOCAB_SIZES, gpt2_encoding
 from depthgrow.errors import DepthgrowError
@@ -96,8 +96,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, *, overwrite: boo
         raise DepthgrowError(f"{out_dir} is a file, not a folder to export into")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise DepthgrowError(f"{out_dir} is not empty; pass --overwrite to export into it anyway")
-    checkpoint = load_checkpoint(checkpoint_path)
-    checkpoint.pop("optimizer", None)  # often twice the model's size, and not exported
+    checkpoint = model_checkpoint(checkpoint_path)
     run = RunConfig.from_dict(checkpoint["config"])
     # a run stopped before its expansion holds a shallower model than its config's target depth
     config = run.model.with_depth(checkpoint["train_state"]["depth"])
@@ -106,7 +105,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, *, overwrite: boo
     # anything is written, so that one that cannot be made leaves no half-written folder
     kind = tokenizer_name(run, checkpoint.get("tokenizer"))
     tokenizer = _run_tokenizer(kind, run, checkpoint_path.parent)
-    model = _to_hf_model(config, model_weights(checkpoint, checkpoint_path), tokenizer.eos_token_id)
+    model = _to_hf_model(config, checkpoint["model"], tokenizer.eos_token_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from depthgrow.bpe import END_OF_TEXT, TOKENIZER_NAME, load_bpe
-from depthgrow.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_weights
+from depthgrow.checkpoint import CHECKPOINT_NAME, model_checkpoint
 from depthgrow.config import RunConfig
 from depthgrow.data import gpt2_encoding
 from depthgrow.errors import DepthgrowError
@@ -47,13 +47,12 @@ def load_run(path: str | Path, *, device: str | torch.device = "cpu") -> LoadedR
     checkpoint_path = path / CHECKPOINT_NAME if path.is_dir() else path
     if not path.exists():
         raise DepthgrowError(f"no run at {path}")
-    checkpoint = load_checkpoint(checkpoint_path)
-    checkpoint.pop("optimizer", None)
+    checkpoint = model_checkpoint(checkpoint_path)
     config = RunConfig.from_dict(checkpoint["config"])
     state = checkpoint["train_state"]
     model_config = config.model.with_depth(state["depth"])
     model = build_model(model_config, seed=config.train.seed, device=device)
-    model.load_state_dict(model_weights(checkpoint, checkpoint_path))
+    model.load_state_dict(checkpoint["model"])
     model.eval()
     tokenizer = run_tokenizer(config, checkpoint_path.parent, checkpoint.get("tokenizer"))
     return LoadedRun(model, config, model_config, tokenizer, state["step"])

@@ -380,6 +380,33 @@ def test_export_and_generate_read_a_sharded_checkpoint(tmp_path, sharded_run):
     assert torch.equal(weights["transformer.h.1.mlp.c_fc.weight"], ours["transformer.h.1.mlp.c_fc.weight"].T)
 
 
+def test_a_run_that_names_newer_shards_while_they_are_read_is_read_again(tmp_path, sharded_run, monkeypatch):
+    # generate or export beside a run still training: rank 0 may name newer shards and remove the ones
+    # being read; the reader starts again from the newer checkpoint.pt instead of failing
+    import depthgrow.checkpoint as checkpoint_module
+    from depthgrow.sampling import load_run
+
+    run = copy_run(sharded_run, tmp_path / "run")
+    old = shard_folder(run)
+    newer = old.replace("step-00000007", "step-00000008")
+    read_shards, reads = checkpoint_module.read_shards, []
+
+    def training_moves_on(folder, state, **kwargs):
+        reads.append(folder.name)
+        if len(reads) == 1:  # as a commit of the run would: the newer folder named, then the older removed
+            shutil.copytree(folder, run / newer)
+            checkpoint = load_checkpoint(run / CHECKPOINT_NAME)
+            checkpoint_module.save_checkpoint(run / CHECKPOINT_NAME, {**checkpoint, "shards": newer})
+            shutil.rmtree(folder)
+        return read_shards(folder, state, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "read_shards", training_moves_on)
+    loaded = load_run(run)
+    assert reads == ["step-00000007", "step-00000008"] and loaded.step == 7
+    expected = load_run(sharded_run).model.state_dict()
+    assert all(torch.equal(value, expected[name]) for name, value in loaded.model.state_dict().items())
+
+
 def worker_traceback(stderr: str) -> bool:
     """Whether a depthgrow process printed a traceback (torchrun prints one of its own when a worker fails)."""
     return stderr.count("Traceback") > ("ChildFailedError" in stderr)
