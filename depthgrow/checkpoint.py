@@ -205,7 +205,10 @@ def _stored(folder: Path, section: str) -> dict[str, Any]:
     name below it."""
     if not (folder / ".metadata").is_file():
         read_shards(folder, {})  # says why in one line
-    metadata = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    try:
+        metadata = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    except OSError as error:  # removed since (a run still training moved on) or unreadable
+        raise DepthgrowError(f"checkpoint shards {folder} are unreadable: {error.strerror or error}") from None
     prefix = f"{section}."
     return {key[len(prefix) :]: meta for key, meta in metadata.items() if key.startswith(prefix)}
 
@@ -288,8 +291,9 @@ class ShardedCheckpoints:
     def _commit(self, folder: str, rest: dict[str, Any]) -> None:
         previous = self.committed
         if self.is_main:
-            try:  # its entries must last as long as the checkpoint.pt that names it
-                _sync_folder(self.out_dir / folder)
+            try:  # the folder and its entries must last as long as the checkpoint.pt that names it
+                for path in (self.out_dir / folder, self.out_dir / SHARDS_DIR, self.out_dir):
+                    _sync_folder(path)
             except OSError as error:
                 raise self._write_error(folder, error) from None
             save_checkpoint(self.out_dir / CHECKPOINT_NAME, {**rest, "shards": folder})

@@ -389,8 +389,12 @@ class Trainer:
         self.guard.load_state_dict(state.get("divergence_guard", {}))
         torch.set_rng_state(state["rng"]["torch"])
         cuda_rng = state["rng"].get("cuda")
-        if isinstance(cuda_rng, torch.Tensor) and self.device.type == "cuda":  # older checkpoints: a list
-            torch.cuda.set_rng_state(cuda_rng, self.device)
+        if cuda_rng is not None and self.device.type == "cuda":
+            if isinstance(cuda_rng, list | tuple):  # older checkpoints: every GPU's state, by device index
+                index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+                cuda_rng = cuda_rng[index] if index < len(cuda_rng) else None
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, self.device)
         self.log_offset = state["log_offset"]
 
     def _with_shards(self, checkpoint: dict[str, Any]) -> dict[str, Any]:

@@ -251,6 +251,7 @@ def test_growth_under_fsdp_never_holds_the_full_target_model_on_a_rank(tmp_path,
 BUILD = """
 import dataclasses, json, sys
 import torch
+from torch.distributed.tensor import DTensor
 from depthgrow import load_config
 from depthgrow.distributed import build_wrapped, world
 from depthgrow.memory import peak_memory
@@ -268,7 +269,7 @@ with world("fsdp", "cpu", 2) as (ranks, _):
         torch.distributed.all_gather_object(gathered, memory.bytes)
         peaks[parallel] = max(gathered)
         if parallel == "fsdp":
-            held = {name: value.full_tensor() for name, value in model.state_dict().items()}
+            held = {n: v.full_tensor() if isinstance(v, DTensor) else v for n, v in model.state_dict().items()}
         del model
     whole = build_model(config, seed=3).state_dict()
     if ranks.is_main:
@@ -482,7 +483,8 @@ def test_compare_under_torchrun_trains_every_run_on_both_processes_and_reports_o
 
 def test_a_checkpoint_pt_that_could_not_be_written_keeps_the_shards_it_still_names(tmp_path, monkeypatch):
     # rank 0 names the new shards in checkpoint.pt; if that write fails, the old checkpoint.pt still names the
-    # previous folder, which must then survive this save and the cleanup of the next one
+    # previous folder, which must then stay the one kept (the next save's cleanup spares only the committed
+    # folder) until a checkpoint.pt naming another is written
     import depthgrow.checkpoint as checkpoint_module
 
     previous, new = "checkpoint-shards/step-00000003", "checkpoint-shards/step-00000006"
