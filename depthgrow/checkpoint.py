@@ -136,16 +136,16 @@ def model_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint at ``path`` with its full (unsharded) model state under "model" and no optimizer
     state: what export and generate read. A run still training on several processes may name newer shards
     and remove the ones being read: the read then starts again from the newer checkpoint."""
-    for attempt in range(READ_ATTEMPTS):
-        checkpoint = load_checkpoint(path)
+    checkpoint, attempts = load_checkpoint(path), 1
+    while True:
         checkpoint.pop("optimizer", None)  # often twice the model's size, and not needed
         try:
             return {**checkpoint, "model": _model_weights(checkpoint, path)}
         except DepthgrowError:
-            moved_on = load_checkpoint(path).get("shards") != checkpoint.get("shards")
-            if not moved_on or attempt == READ_ATTEMPTS - 1:
+            newer = load_checkpoint(path)
+            if attempts == READ_ATTEMPTS or newer.get("shards") == checkpoint.get("shards"):
                 raise
-    raise AssertionError("unreachable")
+            checkpoint, attempts = newer, attempts + 1
 
 
 def _model_weights(checkpoint: dict[str, Any], path: str | Path) -> dict[str, torch.Tensor]:

@@ -174,11 +174,7 @@ def draw_in_pieces(model: GrowableModel, seed: int) -> None:
     norms: drawn from a stream of their own, the same at every depth, so a zero-layer model's), then each
     block from its slot's generator."""
     like = next(iter(model.parameters()))
-    outside = build_model(model.config.with_depth(0), seed=seed, device=_local(like).device)
-    held = dict([*model.named_parameters(), *model.named_buffers()])
-    for name, value in [*outside.named_parameters(), *outside.named_buffers()]:
-        _local(held[name]).copy_(_shard_of(value, held[name]))
-    del outside
+    _keep_shards(build_model(model.config.with_depth(0), seed=seed, device=_local(like).device), model)
     for prefix, stack in model.block_stacks().items():
         for index in range(len(stack)):
             _draw_block(model, prefix, index, seed)
@@ -188,10 +184,15 @@ def _draw_block(model: GrowableModel, prefix: str, index: int, seed: int) -> Non
     """Draw block ``index`` of ``prefix`` whole, as a single process would, and keep this rank's shard."""
     full = model.make_block(prefix)
     model.init_block(prefix, index, full, seed)
-    block = model.block_stacks()[prefix][index]
-    held = dict([*block.named_parameters(), *block.named_buffers()])
-    for name, value in [*full.named_parameters(), *full.named_buffers()]:
-        _local(held[name]).copy_(_shard_of(value, held[name]))
+    _keep_shards(full, model.block_stacks()[prefix][index])
+
+
+def _keep_shards(whole: nn.Module, held: nn.Module) -> None:
+    """Copy each parameter and buffer of ``whole`` (every rank holding all of it) into this rank's shard of
+    the tensor of the same name in ``held``."""
+    tensors = dict([*held.named_parameters(), *held.named_buffers()])
+    for name, value in [*whole.named_parameters(), *whole.named_buffers()]:
+        _local(tensors[name]).copy_(_shard_of(value, tensors[name]))
 
 
 def wrap(model: nn.Module, world: World, *, compile_model: bool) -> nn.Module:

@@ -69,7 +69,6 @@ from depthgrow.distributed import (
     load_optimizer_state_by_name,
     optimizer_state_by_name,
     plain_module,
-    resharded,
     world,
 )
 from depthgrow.errors import DepthgrowError, Diverged, OutputWriteError
@@ -362,7 +361,7 @@ class Trainer:
         if self.device.type == "cuda":  # this rank's device only: a resume may see fewer GPUs per process
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
-            "model": resharded(plain_module(self.model)).state_dict(),
+            "model": plain_module(self.model).state_dict(),
             "optimizer": optimizer_state_by_name(self.model, self.optimizer),
             "config": self.config.to_dict(),
             "train_state": self.state.state_dict(),
