@@ -293,7 +293,9 @@ class Trainer:
     model and optimizer state by parameter name (as this process holds them: DTensor shards under FSDP2),
     the counters (the step is also the data position: every batch is a function of the seed and the
     step), the RNG, the divergence guard and the log's length. ``model`` is what the step runs (wrapped
-    for DDP, sharded for FSDP2, compiled if asked); :func:`plain_module` gives the model inside."""
+    for DDP, sharded for FSDP2, compiled if asked); :func:`plain_module` gives the model inside. :meth:`fit`
+    ends the run: afterwards the outputs are closed and ``model`` is the plain module (its DDP wrapper let
+    go while the process group still lives)."""
 
     def __init__(
         self,
@@ -348,6 +350,7 @@ class Trainer:
             else None
         )
         self.saved_step: int | None = None  # the step of the checkpoint in out_dir, if any
+        self.fitted = False  # fit ends the run: it closes the outputs and unwraps the model
         if checkpoint is not None:
             self.load_state_dict(self._with_shards(checkpoint))
             self.saved_step = self.state.step
@@ -606,6 +609,8 @@ class Trainer:
     def fit(self, *, stop_at: int | None = None, changes: dict[str, Any] | None = None) -> RunResult:
         """Train to the last step (or to ``stop_at``, then save as a kill would), evaluating, growing and
         checkpointing as the config says; ``changes``: the config keys a resume changed (logged)."""
+        if self.fitted:
+            raise DepthgrowError("this Trainer has run already: fit ends a run; build another Trainer to train again")
         config, state, plan, ranks, label = self.config, self.state, self.plan, self.world, self.display.label
         total = config.train.steps
         out_dir = Path(config.train.out_dir)
@@ -656,6 +661,11 @@ class Trainer:
                     self.shards.close()
                 if quiet is not None:
                     quiet.close()
+                # DDP's reducer holds the process group in C++: dropped after the group is destroyed, it
+                # destroys gloo's backend holding the GIL, whose threads may still need it to free the last
+                # collective's tensors - a deadlock at exit (about 1 run in 20 under load here)
+                self.model = plain_module(self.model)
+                self.fitted = True
 
         if state.step == total:
             counters = {

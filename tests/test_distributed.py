@@ -1,24 +1,29 @@
 """torchrun with 2 CPU processes (gloo): DDP and FSDP2 runs across an expansion against one process, and
 checkpoints that change world size on resume."""
 
+import gc
 import json
 import shutil
+import socket
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from launch import RTOL, assert_same_losses, curve, launch_env, single, torchrun
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from depthgrow import DepthgrowError, load_config, train
 from depthgrow.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from depthgrow.cli import main
-from depthgrow.distributed import World, world
+from depthgrow.distributed import World, plain_module, world
 from depthgrow.flops import peak_tflops
 from depthgrow.metrics import read_log
-from depthgrow.trainer import evaluate
+from depthgrow.trainer import Trainer, evaluate
 
 # 0 -> 2 blocks at step 5 of 12, Muon-NSGD (Muon on the sharded block matrices under FSDP2)
 RUN = [
@@ -190,6 +195,36 @@ def test_more_processes_on_a_node_than_gpus_is_refused_in_one_line(monkeypatch):
     with pytest.raises(DepthgrowError, match="local rank 64 has no CUDA device of its own"):
         with world("ddp", "cuda", 8):
             pass
+
+
+def test_fit_lets_the_ddp_wrapper_go_while_the_process_group_lives(tmp_path, monkeypatch):
+    # a wrapper dropped after the group is destroyed can deadlock gloo's teardown (seen in CI): fit must
+    # free it by reference counting alone, before the world is left
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for key, value in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    overrides = {"model.preset": "gpt2-test", "train.steps": "6", "train.batch_size": "4", "train.eval_every": "3",
+                 "train.eval_batches": "1", "growth.source_depth": "0", "growth.at": "5", "train.parallel": "ddp",
+                 "train.out_dir": str(tmp_path / "run")}  # fmt: skip
+    config = load_config(None, overrides)
+    gc.disable()
+    try:
+        with world("ddp", "cpu", 4) as (ranks, _):
+            trainer = Trainer(config, ranks, torch.device("cpu"))
+            trainer.open_outputs(resumed=False, changes={})
+            assert isinstance(trainer.model, DistributedDataParallel)
+            wrapper = weakref.ref(trainer.model)
+            trainer.fit(stop_at=4)
+            assert wrapper() is None
+            assert trainer.model is plain_module(trainer.model) and dist.is_initialized()
+            with pytest.raises(DepthgrowError, match="fit ends a run"):
+                trainer.fit()
+    finally:
+        gc.enable()
+    assert not dist.is_initialized()
 
 
 def test_compile_where_torch_cannot_compile_is_refused_in_one_line(tmp_path, monkeypatch):
