@@ -31,6 +31,7 @@ from depthgrow.growth import (
     grow,
     slot_sources,
     source_names,
+    state_by_name,
 )
 from depthgrow.models import GrowableModel, ModelConfig, build_model, skeleton
 from depthgrow.optim import OptimizerChain, build_optimizer, check_coverage
@@ -345,8 +346,7 @@ def _like(key: str, value: Any, param: torch.Tensor, group: dict[str, Any]) -> A
 def optimizer_state_by_name(model: nn.Module, optimizer: OptimizerChain) -> dict[str, dict[str, Any]]:
     """Every parameter's optimizer state, keyed by parameter name, as this process holds it (sharded under
     FSDP2: :class:`~depthgrow.checkpoint.ShardedCheckpoints` writes it so)."""
-    names = {id(p): name for name, p in plain_module(resharded(model)).named_parameters()}
-    return {names[id(p)]: dict(state) for opt in optimizer.optimizers for p, state in opt.state.items()}
+    return state_by_name({id(p): name for name, p in plain_module(resharded(model)).named_parameters()}, optimizer)
 
 
 def load_optimizer_state_by_name(model: nn.Module, optimizer: OptimizerChain, states: dict[str, dict]) -> None:

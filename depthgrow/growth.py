@@ -211,7 +211,7 @@ def grow(
 
     old_names = {id(p): name for name, p in model.named_parameters()}
     fully_covered = _covers(model, optimizer)
-    old_state = _state_by_name(old_names, as_optimizer_list(optimizer))
+    old_state = state_by_name(old_names, optimizer)
 
     plans = {prefix: slot_sources(init, len(stack), target_depth) for prefix, stack in model.block_stacks().items()}
     model.config = model.config.with_depth(target_depth)
@@ -262,8 +262,11 @@ def _covers(model: nn.Module, optimizer: OptimizerLike) -> bool:
     return True
 
 
-def _state_by_name(names: dict[int, str], optimizers: list[Optimizer]) -> dict[str, dict[str, Any]]:
-    return {names[id(p)]: state for opt in optimizers for p, state in opt.state.items() if id(p) in names}
+def state_by_name(names: dict[int, str], optimizer: OptimizerLike) -> dict[str, dict[str, Any]]:
+    """The optimizer state of each parameter named in ``names`` (parameter id -> name), by that name."""
+    return {
+        names[id(p)]: state for opt in as_optimizer_list(optimizer) for p, state in opt.state.items() if id(p) in names
+    }
 
 
 @torch.no_grad()
